@@ -1,0 +1,75 @@
+"""Settings shared by every experiment config: the paper's training recipe and the ViT-B model.
+
+Each experiment file (dfew.py, mafw.py, demo.py) starts from `base_config()` and overrides what differs.
+"""
+import ml_collections
+
+
+def model_config(num_classes: int) -> ml_collections.ConfigDict:
+  """MMA-DFER at the paper's size: two ViT-B/16 encoders, one temporal layer."""
+  m = ml_collections.ConfigDict()
+  m.num_classes = num_classes
+  m.img_size = 224               # face crops are img_size x img_size
+  m.patch_size = 16
+  m.num_frames = 16              # frames sampled per clip (one per segment)
+  m.audio_frames = 512           # fbank rows (10 ms hops) after pad/cut
+  m.audio_mels = 128             # fbank mel bins
+  m.width = 768                  # ViT width D (both encoders)
+  m.depth = 12                   # ViT blocks; a multiple of 6 (one prompt stage per 6 blocks)
+  m.num_heads = 12
+  m.mlp_dim = 3072
+  m.prompts_per_stage = 3        # progressive prompts added every 6 blocks
+  m.fusion_width = 128           # the adapters' bottleneck
+  m.temporal_width = 512
+  m.temporal_layers = 1
+  m.temporal_heads = 8
+  m.temporal_head_dim = 64
+  m.temporal_mlp_dim = 1024
+  m.drop_path_rate = 0.1         # stochastic depth in the frozen encoders (train only)
+  m.dtype = 'float32'            # encoder compute dtype: 'float32' (CPU) or 'bfloat16' (GPU/TPU)
+  m.remat = False                # rematerialise the lockstep layers in the backward pass
+  m.remat_policy = 'nothing_saveable'
+  m.scan_unroll = 1              # unroll factor of the scan over the lockstep layers
+  m.attention_impl = ''          # '' = let JAX choose, 'xla' or 'cudnn' (jax.nn.dot_product_attention)
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dataset = 'dfew'             # 'dfew' | 'mafw' | 'synthetic'
+  c.fold = 1                     # 1..5
+  c.data_dir = 'datasets'        # where the TFDS builders wrote the ArrayRecord folds
+  c.num_epochs = 25
+  c.batch_size = 8               # global batch, over every device and process
+  c.eval_batch_size = 8
+  c.grad_accum_steps = 1         # micro-batches per optimizer step (same result as one large batch)
+  c.learning_rate = 1e-4
+  c.weight_decay = 1e-2
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.schedule = 'epoch_cosine'    # reference: CosineAnnealingLR(T_max=epochs) stepped per epoch
+  c.warmup_steps = 0             # only for schedule='warmup_cosine' (per-step)
+  c.label_smoothing = 0.0
+  c.seed = 1
+
+  c.model = model_config(num_classes=7)
+
+  c.init = ml_collections.ConfigDict()
+  c.init.face_checkpoint = ''    # MAE-Face mae_face_pretrain_vit_base.pth
+  c.init.audio_checkpoint = ''   # AudioMAE pretrained.pth
+  c.init.checkpoint = ''         # a converted or trained Flax checkpoint to start from
+
+  c.input = ml_collections.ConfigDict()
+  c.input.read_threads = 2       # Grain read threads per process
+  c.input.worker_count = 0       # Grain worker processes (0: threads only)
+  c.input.prefetch = 2           # batches prefetched ahead of the device
+  c.input.augment = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1               # devices on the 'data' axis (-1: all)
+
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.log_every_steps = 10
+  return c

@@ -1,0 +1,123 @@
+"""MMA-DFER: two frozen ViT encoders run in lockstep, exchanging information through adapters after every layer,
+then a temporal transformer classifies the clip. The numbered steps follow REFERENCE.md's model section.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mma_dfer_jax.models import adapters
+from mma_dfer_jax.models import temporal
+from mma_dfer_jax.models import vit
+
+PROMPT_STAGE_EVERY = 6  # a new stage of progressive prompts every 6 blocks
+
+
+def num_prompts(model_config) -> int:
+  return model_config.prompts_per_stage * (model_config.depth // PROMPT_STAGE_EVERY)
+
+
+def vision_grid(model_config):
+  return (model_config.img_size // model_config.patch_size,) * 2
+
+
+def audio_grid(model_config):
+  p = model_config.patch_size
+  return (model_config.audio_frames // p, model_config.audio_mels // p)
+
+
+def drop_path_rates(model_config) -> np.ndarray:
+  """timm's linear stochastic-depth schedule: 0 at the first block, drop_path_rate at the last."""
+  return np.linspace(0.0, model_config.drop_path_rate, model_config.depth, dtype=np.float32)
+
+
+class EncoderStem(nn.Module):
+  """An encoder's own parameters outside its blocks: the token embedding and its progressive prompts."""
+  model_config: object
+  grid: tuple
+  dtype: object
+
+  def setup(self):
+    c = self.model_config
+    self.embed = vit.TokenEmbedding(c.width, c.patch_size, self.grid[0] * self.grid[1], num_prompts(c), self.dtype,
+                                    name='embed')
+    stages = c.depth // PROMPT_STAGE_EVERY
+    self.prompts_progr = self.param('prompts_progr', vit._scaled_normal(c.width ** -0.5),
+                                    (stages, c.prompts_per_stage, c.width))
+
+  def __call__(self, images):
+    return self.embed(images)
+
+  def prompt_updates(self):
+    """(depth, num_prompts, D): what step 5's progressive-prompt rule adds after each layer."""
+    c = self.model_config
+    return jnp.stack([adapters.progressive_prompt_update(self.prompts_progr, i, c.prompts_per_stage, num_prompts(c))
+                      for i in range(c.depth)])
+
+
+class LockstepLayer(nn.Module):
+  """Step 5 for one layer i: both frozen blocks, the fusion adapter, then the progressive prompts."""
+  model_config: object
+  num_frames: int
+  train: bool
+  dtype: object
+
+  @nn.compact
+  def __call__(self, carry, per_layer):
+    xv, xa = carry
+    drop_rate, vision_prompt_update, audio_prompt_update = per_layer
+    c = self.model_config
+    block = functools.partial(vit.EncoderBlock, c.num_heads, c.mlp_dim, self.dtype, c.attention_impl)
+    xv = block(name='vision_block')(xv, drop_rate, self.train)
+    xa = block(name='audio_block')(xa, drop_rate, self.train)
+    xv, xa = adapters.FusionAdapter(c.fusion_width, self.num_frames, self.dtype, name='fusion')(xv, xa)
+    k = num_prompts(c)
+    xv = xv.at[:, -k:].add(vision_prompt_update.astype(xv.dtype))
+    xa = xa.at[:, -k:].add(audio_prompt_update.astype(xa.dtype))
+    return (xv, xa), None
+
+
+class MMADFER(nn.Module):
+  """`apply({'params': p}, video (N,T,H,W,3) in [0,1], audio (N,512,128), train)` -> float32 logits (N, C)."""
+  config: object  # config.model
+
+  @nn.compact
+  def __call__(self, video, audio, train: bool = False):
+    c = self.config
+    if c.depth % PROMPT_STAGE_EVERY:
+      raise ValueError(f'model.depth={c.depth}: MMA-DFER adds prompts every 6 blocks, so depth must be a multiple of 6')
+    dtype = jnp.dtype(c.dtype)
+    n, t = video.shape[:2]
+    if audio.ndim == 4:  # accept the reference's (N, 1, frames, mels)
+      audio = audio[:, 0]
+
+    # Steps 1-4: tokens of every frame and of the spectrogram.
+    vision = EncoderStem(c, vision_grid(c), dtype, name='vision')
+    audio_stem = EncoderStem(c, audio_grid(c), dtype, name='audio')
+    xv = vision(video.reshape((n * t,) + video.shape[2:]))
+    xa = audio_stem(audio[..., None])
+
+    # Step 5: the lockstep layers, scanned (one compiled layer; parameters stacked on a leading depth axis).
+    layer = LockstepLayer
+    if c.remat:
+      layer = nn.remat(layer, prevent_cse=False, policy=getattr(jax.checkpoint_policies, c.remat_policy))
+    scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                      in_axes=0, length=c.depth, unroll=c.scan_unroll)
+    per_layer = (jnp.asarray(drop_path_rates(c)), vision.prompt_updates(), audio_stem.prompt_updates())
+    (xv, xa), _ = scanned(c, t, train, dtype, name='layers')((xv, xa), per_layer)
+
+    # Step 6: final norms, cls tokens.
+    fv = nn.LayerNorm(epsilon=vit.VIT_LN_EPS, dtype=dtype, name='vision_norm')(xv[:, 0])
+    fa = nn.LayerNorm(epsilon=vit.VIT_LN_EPS, dtype=dtype, name='audio_norm')(xa[:, 0])
+    fused = fv.astype(jnp.float32).reshape(n, t, -1) + fa.astype(jnp.float32)[:, None]
+    self.sow('intermediates', 'fused_frame_features', fused)
+
+    # Step 7-9: projection, temporal transformer, classifier (float32).
+    h = nn.Dense(c.temporal_width, name='vision_proj')(fused)
+    self.sow('intermediates', 'temporal_input', h)
+    clip = temporal.TemporalTransformer(c.num_frames, c.temporal_layers, c.temporal_heads, c.temporal_head_dim,
+                                        c.temporal_mlp_dim, name='temporal')(h)
+    self.sow('intermediates', 'video_features', clip)
+    return nn.Dense(c.num_classes, name='classifier')(clip)

@@ -1,0 +1,106 @@
+"""The frozen self-supervised encoders: timm-style ViT pieces (MAE-Face for frames, AudioMAE for fbanks).
+
+Channels-last. Blocks are pre-norm with qkv bias, exact GELU and LayerNorm eps 1e-6, as timm builds ViT-B/16.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+VIT_LN_EPS = 1e-6
+Dtype = Any
+
+
+def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:
+  """Stochastic depth, one Bernoulli draw per sample (timm's `drop_path`, scaled by 1/keep).
+
+  `rate` may be traced (it differs per scanned layer); rate 0 keeps every sample and divides by 1, so it is exact.
+  """
+  keep_prob = 1.0 - rate
+  keep = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / keep_prob.astype(x.dtype), jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one fused qkv projection (with bias), as timm's ViT."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  attention_impl: str = ''
+
+  @nn.compact
+  def __call__(self, x):
+    batch, length, width = x.shape
+    head_dim = width // self.num_heads
+    qkv = nn.Dense(3 * width, dtype=self.dtype, name='qkv')(x)
+    q, k, v = jnp.split(qkv.reshape(batch, length, 3, self.num_heads, head_dim), 3, axis=2)
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                                       implementation=self.attention_impl or None)
+    return nn.Dense(width, dtype=self.dtype, name='proj')(out.reshape(batch, length, width))
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.hidden_dim, dtype=self.dtype, name='fc1')(x)
+    h = nn.gelu(h, approximate=False)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name='fc2')(h)
+
+
+class EncoderBlock(nn.Module):
+  """x + DropPath(Attn(LN(x))); x + DropPath(MLP(LN(x)))."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  attention_impl: str = ''
+
+  @nn.compact
+  def __call__(self, x, drop_rate, train: bool):
+    def residual(branch):
+      if train:
+        return drop_path(branch, drop_rate, self.make_rng('dropout'))
+      return branch
+
+    h = nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=self.dtype, name='norm1')(x)
+    x = x + residual(Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')(h))
+    h = nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=self.dtype, name='norm2')(x)
+    return x + residual(Mlp(self.mlp_dim, self.dtype, name='mlp')(h))
+
+
+class TokenEmbedding(nn.Module):
+  """Tokens entering block 0: [cls, patches (row-major), prompts] + position embedding.
+
+  The position embedding covers all 1 + patches + prompts tokens and is trainable in MMA-DFER.
+  """
+  width: int
+  patch_size: int
+  num_patches: int
+  num_prompts: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                name='patch_embed')(images.astype(self.dtype))
+    batch = x.shape[0]
+    x = x.reshape(batch, -1, self.width)
+    if x.shape[1] != self.num_patches:
+      raise ValueError(f'input of shape {images.shape[1:]} gives {x.shape[1]} patches; the model expects '
+                       f'{self.num_patches}: check model.img_size / model.audio_frames / model.audio_mels')
+    cls = self.param('cls_token', nn.initializers.zeros, (1, 1, self.width))
+    prompts = self.param('prompts_init', _scaled_normal(self.width ** -0.5), (self.num_prompts, self.width))
+    pos = self.param('pos_embed', nn.initializers.normal(1.0),
+                     (1, 1 + self.num_patches + self.num_prompts, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x,
+                         jnp.broadcast_to(prompts, (batch,) + prompts.shape).astype(x.dtype)], axis=1)
+    return x + pos.astype(x.dtype)
+
+
+def _scaled_normal(scale: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.normal(key, shape, dtype) * scale
+  return init
