@@ -4,6 +4,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mma_dfer_jax.models.initializers import torch_linear
+
 TORCH_LN_EPS = 1e-5  # nn.LayerNorm's default, used by every adapter norm
 Dtype = Any
 
@@ -15,7 +17,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    z = nn.Dense(self.fusion_width, dtype=self.dtype, name='proj')(x)
+    z = nn.Dense(self.fusion_width, dtype=self.dtype, name='proj', **torch_linear(x.shape[-1]))(x)
     return nn.LayerNorm(epsilon=TORCH_LN_EPS, dtype=self.dtype, name='norm')(z)
 
 
@@ -25,7 +27,7 @@ class GatedUp(nn.Module):
 
   @nn.compact
   def __call__(self, x, z):
-    up = nn.gelu(nn.Dense(x.shape[-1], dtype=self.dtype, name='proj')(z), approximate=False)
+    up = nn.gelu(nn.Dense(x.shape[-1], dtype=self.dtype, name='proj', **torch_linear(z.shape[-1]))(z), approximate=False)
     gate = self.param('gate', nn.initializers.zeros, ())
     return x + jnp.tanh(gate).astype(x.dtype) * up
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mma_dfer_jax.models import adapters
+from mma_dfer_jax.models import initializers
 from mma_dfer_jax.models import temporal
 from mma_dfer_jax.models import vit
 
@@ -44,7 +45,7 @@ class EncoderStem(nn.Module):
     self.embed = vit.TokenEmbedding(c.width, c.patch_size, self.grid[0] * self.grid[1], num_prompts(c), self.dtype,
                                     name='embed')
     stages = c.depth // PROMPT_STAGE_EVERY
-    self.prompts_progr = self.param('prompts_progr', vit._scaled_normal(c.width ** -0.5),
+    self.prompts_progr = self.param('prompts_progr', initializers.scaled_normal(c.width ** -0.5),
                                     (stages, c.prompts_per_stage, c.width))
 
   def __call__(self, images):
@@ -115,9 +116,9 @@ class MMADFER(nn.Module):
     self.sow('intermediates', 'fused_frame_features', fused)
 
     # Step 7-9: projection, temporal transformer, classifier (float32).
-    h = nn.Dense(c.temporal_width, name='vision_proj')(fused)
+    h = nn.Dense(c.temporal_width, name='vision_proj', **initializers.torch_linear(c.width))(fused)
     self.sow('intermediates', 'temporal_input', h)
     clip = temporal.TemporalTransformer(c.num_frames, c.temporal_layers, c.temporal_heads, c.temporal_head_dim,
                                         c.temporal_mlp_dim, name='temporal')(h)
     self.sow('intermediates', 'video_features', clip)
-    return nn.Dense(c.num_classes, name='classifier')(clip)
+    return nn.Dense(c.num_classes, name='classifier', **initializers.torch_linear(clip.shape[-1]))(clip)

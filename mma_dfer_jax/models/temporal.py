@@ -6,6 +6,8 @@ reference's PreNorm also owns a second LayerNorm that it never applies; we do no
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mma_dfer_jax.models.initializers import torch_linear
+
 TORCH_LN_EPS = 1e-5
 
 
@@ -17,12 +19,12 @@ class TemporalAttention(nn.Module):
   def __call__(self, x):
     batch, length, width = x.shape
     inner = self.num_heads * self.head_dim
-    q = nn.Dense(inner, use_bias=False, name='to_q')(x)
-    k, v = jnp.split(nn.Dense(2 * inner, use_bias=False, name='to_kv')(x), 2, axis=-1)
+    q = nn.Dense(inner, use_bias=False, name='to_q', **torch_linear(width))(x)
+    k, v = jnp.split(nn.Dense(2 * inner, use_bias=False, name='to_kv', **torch_linear(width))(x), 2, axis=-1)
     split = lambda t: t.reshape(batch, length, self.num_heads, self.head_dim)
     logits = jnp.einsum('bqhd,bkhd->bhqk', split(q), split(k)) * self.head_dim ** -0.5
     out = jnp.einsum('bhqk,bkhd->bqhd', nn.softmax(logits, axis=-1), split(v))
-    return nn.Dense(width, name='to_out')(out.reshape(batch, length, inner))
+    return nn.Dense(width, name='to_out', **torch_linear(inner))(out.reshape(batch, length, inner))
 
 
 class TemporalBlock(nn.Module):
@@ -35,8 +37,8 @@ class TemporalBlock(nn.Module):
     h = nn.LayerNorm(epsilon=TORCH_LN_EPS, name='attn_norm')(x)
     x = x + TemporalAttention(self.num_heads, self.head_dim, name='attn')(h)
     h = nn.LayerNorm(epsilon=TORCH_LN_EPS, name='ff_norm')(x)
-    h = nn.Dense(self.mlp_dim, name='fc1')(h)
-    h = nn.Dense(x.shape[-1], name='fc2')(nn.gelu(h, approximate=True))
+    h = nn.Dense(self.mlp_dim, name='fc1', **torch_linear(x.shape[-1]))(h)
+    h = nn.Dense(x.shape[-1], name='fc2', **torch_linear(self.mlp_dim))(nn.gelu(h, approximate=True))
     return x + h
 
 

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mma_dfer_jax.models.initializers import scaled_normal
+
 VIT_LN_EPS = 1e-6
 Dtype = Any
 
@@ -92,15 +94,10 @@ class TokenEmbedding(nn.Module):
       raise ValueError(f'input of shape {images.shape[1:]} gives {x.shape[1]} patches; the model expects '
                        f'{self.num_patches}: check model.img_size / model.audio_frames / model.audio_mels')
     cls = self.param('cls_token', nn.initializers.zeros, (1, 1, self.width))
-    prompts = self.param('prompts_init', _scaled_normal(self.width ** -0.5), (self.num_prompts, self.width))
+    prompts = self.param('prompts_init', scaled_normal(self.width ** -0.5), (self.num_prompts, self.width))
     pos = self.param('pos_embed', nn.initializers.normal(1.0),
                      (1, 1 + self.num_patches + self.num_prompts, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x,
                          jnp.broadcast_to(prompts, (batch,) + prompts.shape).astype(x.dtype)], axis=1)
     return x + pos.astype(x.dtype)
 
-
-def _scaled_normal(scale: float):
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.normal(key, shape, dtype) * scale
-  return init

@@ -1,0 +1,100 @@
+"""The Flax MMA-DFER against the reference's golden outputs, and at other sizes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_model_config
+
+from mma_dfer_jax import convert
+from mma_dfer_jax.models import MMADFER
+
+
+def fixture_inputs(io):
+  video = io['images_uint8'].transpose(0, 1, 3, 4, 2).astype(np.float32) / 255.0  # NTCHW -> NTHWC
+  return video, io['audio'][:, 0]
+
+
+@pytest.fixture(scope='module')
+def released(reference_small):
+  config = small_model_config()
+  params = convert.load_released_checkpoint(reference_small / 'model.pth', config)
+  io = np.load(reference_small / 'io.npz')
+  return config, params, io
+
+
+def forward(config, params, video, audio):
+  fn = jax.jit(lambda p, v, a: MMADFER(config).apply({'params': p}, v, a, mutable=['intermediates']))
+  logits, state = fn(params, video, audio)
+  return np.asarray(logits), {k: np.asarray(v[0]) for k, v in state['intermediates'].items()}
+
+
+def test_logits_and_features_match_reference(released):
+  config, params, io = released
+  logits, features = forward(config, params, *fixture_inputs(io))
+  np.testing.assert_allclose(logits, io['logits'], atol=1e-4, rtol=0)
+  for name in ('fused_frame_features', 'temporal_input', 'video_features'):
+    np.testing.assert_allclose(features[name], io[name], atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_accepts_reference_audio_layout(released):
+  config, params, io = released
+  video, audio = fixture_inputs(io)
+  a = MMADFER(config).apply({'params': params}, video[:1], audio[:1])
+  b = MMADFER(config).apply({'params': params}, video[:1], audio[:1, None])
+  np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_encoders_close_to_float32(released):
+  config, params, io = released
+  config = config.copy_and_resolve_references()
+  config.dtype = 'bfloat16'
+  logits, _ = forward(config, params, *fixture_inputs(io))
+  assert logits.dtype == np.float32
+  assert np.abs(logits - io['logits']).max() < 5e-2
+
+
+def test_train_mode_drop_path_rate_zero_equals_eval(released):
+  config, params, io = released
+  config = config.copy_and_resolve_references()
+  config.drop_path_rate = 0.0
+  video, audio = fixture_inputs(io)
+  model = MMADFER(config)
+  train = model.apply({'params': params}, video, audio, train=True, rngs={'dropout': jax.random.key(3)})
+  np.testing.assert_allclose(train, io['logits'], atol=1e-4, rtol=0)
+
+
+def test_train_mode_drops_paths(released):
+  config, params, io = released
+  video, audio = fixture_inputs(io)
+  model = MMADFER(config)
+  train = model.apply({'params': params}, video, audio, train=True, rngs={'dropout': jax.random.key(3)})
+  assert np.abs(np.asarray(train) - io['logits']).max() > 1e-3
+
+
+@pytest.mark.parametrize('sizes', [
+    dict(width=64, depth=6, num_heads=2, mlp_dim=128, img_size=32, num_frames=4, num_classes=11,
+         temporal_layers=2, temporal_width=96, temporal_heads=2, temporal_head_dim=16, temporal_mlp_dim=64),
+    dict(width=48, depth=18, num_heads=4, mlp_dim=96, img_size=48, num_frames=8, num_classes=3,
+         audio_frames=256, audio_mels=64, fusion_width=32, temporal_layers=1),
+])
+def test_other_sizes_build_and_run(sizes):
+  config = small_model_config(**sizes)
+  n = 2
+  video = jax.random.uniform(jax.random.key(0), (n, config.num_frames, config.img_size, config.img_size, 3))
+  audio = jax.random.normal(jax.random.key(1), (n, config.audio_frames, config.audio_mels))
+  model = MMADFER(config)
+  params = jax.jit(model.init)(jax.random.key(2), video, audio)['params']
+  logits = jax.jit(model.apply)({'params': params}, video, audio)
+  assert logits.shape == (n, config.num_classes) and logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+  stages = config.depth // 6
+  assert params['vision']['prompts_progr'].shape == (stages, 3, config.width)
+  grid = (config.img_size // 16) ** 2
+  assert params['vision']['embed']['pos_embed'].shape == (1, 1 + grid + 3 * stages, config.width)
+  assert params['temporal']['pos_embedding'].shape == (1, config.num_frames + 1, config.temporal_width)
+
+
+def test_depth_not_multiple_of_six_is_an_error():
+  config = small_model_config(depth=8)
+  with pytest.raises(ValueError, match='multiple of 6'):
+    jax.eval_shape(MMADFER(config).init, jax.random.key(0), jnp.zeros((1, 16, 224, 224, 3)), jnp.zeros((1, 512, 128)))
