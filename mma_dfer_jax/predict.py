@@ -1,0 +1,244 @@
+"""Recognise the emotion in a raw video file with a trained (or converted) MMA-DFER checkpoint.
+
+  python -m mma_dfer_jax.predict VIDEO --checkpoint DIR [--config configs/X.py] [--json] [--save-frames out.png]
+
+The clip goes through the same steps as a test clip of the reference: 16 frames at the test-time segment centres,
+face crops (the MAFW rule, see faces.py), resized to the model's img_size, scaled to [0, 1]; the audio track's
+Kaldi fbank at the track's own sample rate (a clip without audio gets the all-zero fbank, as MAFW clips without a
+wav did). The model and its config come from the checkpoint; `--config` replaces that config (its `dataset` names
+the classes).
+
+By default a readable table goes to stdout; with --json exactly one JSON object: `label`, `probabilities` (class
+name -> probability), `face_detected`, `has_audio`, `frames_used`, `num_frames`, `notes`, `timings` (seconds per
+stage). Errors in the input (a missing or unreadable video, checkpoint or config) print one line and exit with 2.
+"""
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from mma_dfer_jax import faces
+from mma_dfer_jax import video as video_lib
+
+EXIT_USER_ERROR = 2
+
+
+class PredictError(Exception):
+  """A user error: the message is printed as the one line the command line shows."""
+
+
+def load_config_file(path):
+  """`get_config()` of a config file such as configs/mafw.py."""
+  path = Path(path)
+  if not path.is_file():
+    raise PredictError(f'{path}: no such config file (give one such as configs/mafw.py)')
+  # Config files import their siblings as `configs.common`: make the folder above `configs/` importable.
+  root = str(path.resolve().parent.parent)
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location(f'_predict_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except Exception as e:  # a config file is user code: any failure is reported as one line
+    raise PredictError(f'{path}: loading the config failed ({type(e).__name__}: {e})') from e
+
+
+def _compiled_forward(model_config, params, video, audio):
+  """The jitted forward pass, compiled ahead of time for these shapes (cached, so a second clip reuses it)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax.models import MMADFER  # pylint: disable=import-outside-toplevel
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  key = (model_config.to_json(), video.shape, audio.shape,
+         tuple((jax.tree_util.keystr(k), np.shape(x), str(np.result_type(x))) for k, x in leaves))
+  compiled = _COMPILED.get(key)
+  if compiled is None:
+    model = MMADFER(model_config)
+
+    def forward(p, v, a):
+      logits = model.apply({'params': p}, v, a, train=False)
+      return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+
+    compiled = jax.jit(forward).lower(params, video, audio).compile()
+    _COMPILED[key] = compiled
+  return compiled
+
+
+_COMPILED = {}
+
+
+def _test_indices(num_segments):
+  from mma_dfer_jax import frames as frames_lib  # pylint: disable=import-outside-toplevel
+  return lambda num_frames: frames_lib.frame_indices(num_frames, train=False, num_segments=num_segments)
+
+
+def _fbank(clip, model_config):
+  from mma_dfer_jax import audio as audio_lib  # pylint: disable=import-outside-toplevel
+  if clip.audio is None:
+    return audio_lib.silent_fbank(model_config.audio_frames)
+  return audio_lib.fbank_from_waveform(clip.audio, clip.sample_rate, num_frames=model_config.audio_frames)
+
+
+def _class_names(config):
+  from mma_dfer_jax import labels  # pylint: disable=import-outside-toplevel
+  return labels.class_names(config.get('dataset', ''), config.model.num_classes)
+
+
+def predict_video(path, params, config, save_frames: Optional[str] = None) -> dict:
+  """Predicts the emotion of one video file; returns the dict the --json output prints.
+
+  Args:
+    path: a video file PyAV can read (mp4, mkv, avi, webm, ...).
+    params: the model parameters (as `checkpoint.load_params` returns them).
+    config: the experiment config (its `model` sub-config and `dataset`).
+    save_frames: where to write a PNG montage of the crops the model saw, titled with the prediction.
+  Raises:
+    video.VideoError: the video is missing or cannot be decoded.
+  """
+  model_config = config.model
+  timings = {}
+  start = time.perf_counter()
+
+  clip = video_lib.read_video(path, pick=_test_indices(model_config.num_frames))
+  timings['decode'] = time.perf_counter() - start
+
+  t = time.perf_counter()
+  crops, face_detected = faces.face_crops(clip.frames, model_config.img_size)
+  timings['faces'] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  fbank = np.asarray(_fbank(clip, model_config), dtype=np.float32)
+  timings['audio'] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  video_in = (crops.astype(np.float32) / 255.0)[None]
+  audio_in = fbank[None]
+  forward = _compiled_forward(model_config, params, video_in, audio_in)
+  timings['model_compile'] = time.perf_counter() - t
+  t = time.perf_counter()
+  probabilities = np.asarray(forward(params, video_in, audio_in), dtype=np.float64)[0]
+  timings['model_run'] = time.perf_counter() - t
+  timings['model'] = timings['model_compile'] + timings['model_run']
+
+  probabilities = probabilities / probabilities.sum()  # exact in float64 for the JSON
+  names = _class_names(config)
+  best = int(np.argmax(probabilities))
+  notes = []
+  if clip.audio is None:
+    notes.append('the video has no audio track: the model got the silent (all-zero) fbank')
+  if not face_detected:
+    notes.append('no face was found: the model got centre crops')
+  if clip.num_frames < model_config.num_frames:
+    notes.append(f'the video has {clip.num_frames} frames: the last one was repeated to make '
+                 f'{model_config.num_frames}')
+  result = {
+      'video': str(path),
+      'label': names[best],
+      'probabilities': {name: float(p) for name, p in zip(names, probabilities)},
+      'face_detected': bool(face_detected),
+      'has_audio': clip.audio is not None,
+      'frames_used': [int(i) for i in clip.indices],
+      'num_frames': int(clip.num_frames),
+      'fps': clip.fps,
+      'sample_rate': clip.sample_rate,
+      'notes': notes,
+  }
+  if save_frames:
+    t = time.perf_counter()
+    save_montage(save_frames, crops, f'{names[best]} ({probabilities[best]:.0%})', clip.indices)
+    timings['save_frames'] = time.perf_counter() - t
+  timings['total'] = time.perf_counter() - start
+  result['timings'] = {k: round(v, 4) for k, v in timings.items()}
+  return result
+
+
+def save_montage(path, crops: np.ndarray, title: str, indices=None) -> None:
+  """A grid of the crops (4 a row for 16) under a title line, as a PNG."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
+  count, size = crops.shape[0], crops.shape[1]
+  columns = int(np.ceil(np.sqrt(count)))
+  rows = int(np.ceil(count / columns))
+  header = max(24, size // 6)
+  sheet = Image.new('RGB', (columns * size, rows * size + header), 'white')
+  draw = ImageDraw.Draw(sheet)
+  font = ImageFont.load_default(size=int(header * 0.6))
+  draw.text((8, header * 0.15), title, fill='black', font=font)
+  small = ImageFont.load_default(size=max(10, size // 12))
+  for k, crop in enumerate(crops):
+    x, y = (k % columns) * size, (k // columns) * size + header
+    sheet.paste(Image.fromarray(crop), (x, y))
+    if indices is not None:
+      draw.text((x + 4, y + 2), f'#{int(indices[k])}', fill='yellow', font=small, stroke_width=1, stroke_fill='black')
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  sheet.save(path)
+
+
+def format_table(result: dict) -> str:
+  lines = [f"{result['video']}: {result['label']}", '']
+  ranked = sorted(result['probabilities'].items(), key=lambda kv: -kv[1])
+  width = max(len(name) for name, _ in ranked)
+  for name, p in ranked:
+    lines.append(f'  {name:<{width}}  {p:6.1%}  {"#" * int(round(p * 40))}')
+  lines.append('')
+  lines.append(f"  face detected: {'yes' if result['face_detected'] else 'no'}    "
+               f"audio: {'yes' if result['has_audio'] else 'no'}    frames: {result['num_frames']} "
+               f"at {result['fps']:.2f} fps, used {result['frames_used']}")
+  lines.append('  seconds: ' + ', '.join(f'{k} {v:.2f}' for k, v in result['timings'].items()))
+  lines.extend(f'  note: {n}' for n in result['notes'])
+  return '\n'.join(lines)
+
+
+def load_model(checkpoint_dir, config_path=None):
+  """(params, config) from a checkpoint directory; a config file given here replaces the stored config."""
+  from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  checkpoint_dir = Path(checkpoint_dir)
+  if not checkpoint_dir.is_dir():
+    raise PredictError(f'{checkpoint_dir}: no such checkpoint directory (give the --out of convert or a '
+                       'launch.py work directory)')
+  config = load_config_file(config_path) if config_path else checkpoint.load_config(checkpoint_dir)
+  if config is None:
+    raise PredictError(f'{checkpoint_dir}: holds no config.json; name the experiment with --config configs/X.py')
+  try:
+    params = checkpoint.load_params(checkpoint_dir)
+  except FileNotFoundError as e:
+    raise PredictError(str(e)) from e
+  except Exception as e:  # Orbax reports damaged checkpoints with many exception types
+    raise PredictError(f'{checkpoint_dir}: reading the checkpoint failed ({type(e).__name__}: {e})') from e
+  return params, config
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog='python -m mma_dfer_jax.predict', description=__doc__.split('\n')[0])
+  parser.add_argument('video', help='a video file (mp4, mkv, avi, webm, ...)')
+  parser.add_argument('--checkpoint', required=True, help='checkpoint directory (convert --out or a work dir)')
+  parser.add_argument('--config', help='experiment config file; replaces the config stored with the checkpoint')
+  parser.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
+  parser.add_argument('--save-frames', metavar='PNG', help='write a montage of the 16 face crops here')
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    if not Path(args.video).is_file():
+      raise PredictError(f'{args.video}: no such video file')
+    params, config = load_model(args.checkpoint, args.config)
+    result = predict_video(args.video, params, config, save_frames=args.save_frames)
+  except (PredictError, video_lib.VideoError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_USER_ERROR
+  if args.json:
+    print(json.dumps(result))
+  else:
+    print(format_table(result))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
