@@ -26,6 +26,7 @@ from mma_dfer_jax import faces
 from mma_dfer_jax import video as video_lib
 
 EXIT_USER_ERROR = 2
+MONTAGE_MIN_TILE = 96  # pixels
 
 
 class PredictError(Exception):
@@ -56,7 +57,7 @@ def _compiled_forward(model_config, params, video, audio):
   from mma_dfer_jax.models import MMADFER  # pylint: disable=import-outside-toplevel
   leaves = jax.tree_util.tree_leaves_with_path(params)
   key = (model_config.to_json(), video.shape, audio.shape,
-         tuple((jax.tree_util.keystr(k), np.shape(x), str(np.result_type(x))) for k, x in leaves))
+         tuple((jax.tree_util.keystr(k), np.shape(x), str(x.dtype)) for k, x in leaves))
   compiled = _COMPILED.get(key)
   if compiled is None:
     model = MMADFER(model_config)
@@ -161,7 +162,8 @@ def predict_video(path, params, config, save_frames: Optional[str] = None) -> di
 def save_montage(path, crops: np.ndarray, title: str, indices=None) -> None:
   """A grid of the crops (4 a row for 16) under a title line, as a PNG."""
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
-  count, size = crops.shape[0], crops.shape[1]
+  count = crops.shape[0]
+  size = max(crops.shape[1], MONTAGE_MIN_TILE)  # a tiny model's crops are enlarged so they can be seen
   columns = int(np.ceil(np.sqrt(count)))
   rows = int(np.ceil(count / columns))
   header = max(24, size // 6)
@@ -172,7 +174,7 @@ def save_montage(path, crops: np.ndarray, title: str, indices=None) -> None:
   small = ImageFont.load_default(size=max(10, size // 12))
   for k, crop in enumerate(crops):
     x, y = (k % columns) * size, (k // columns) * size + header
-    sheet.paste(Image.fromarray(crop), (x, y))
+    sheet.paste(Image.fromarray(crop).resize((size, size), Image.NEAREST), (x, y))
     if indices is not None:
       draw.text((x + 4, y + 2), f'#{int(indices[k])}', fill='yellow', font=small, stroke_width=1, stroke_fill='black')
   Path(path).parent.mkdir(parents=True, exist_ok=True)

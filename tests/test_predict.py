@@ -1,0 +1,171 @@
+"""`python -m mma_dfer_jax.predict` and `predict_video` end to end, with a tiny random model.
+
+The real-face clip comes from ../shared/fixtures; the other videos (no audio, 5 frames, portrait, corrupt) are
+made here with PyAV.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from mma_dfer_jax import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / 'shared' / 'fixtures'
+FACE_CLIP = FIXTURES / 'audio' / 'clip_face_speech.mp4'
+TIMING_KEYS = {'decode', 'faces', 'audio', 'model', 'model_compile', 'model_run', 'total'}
+
+
+def face_clip() -> Path:
+  if not FACE_CLIP.is_file():
+    pytest.skip(f'{FACE_CLIP} is absent: these tests need ../shared/fixtures beside the checkout')
+  return FACE_CLIP
+
+
+TINY_CONFIG_FILE = '''
+from configs import common
+
+
+def get_config():
+  c = common.base_config()
+  c.dataset = {dataset!r}
+  c.model = common.model_config(num_classes=11)
+  m = c.model
+  m.img_size, m.width, m.depth, m.num_heads, m.mlp_dim = 32, 32, 6, 2, 64
+  m.fusion_width, m.prompts_per_stage = 8, 1
+  m.temporal_width, m.temporal_heads, m.temporal_head_dim, m.temporal_mlp_dim = 32, 2, 16, 64
+  return c
+'''
+
+
+def write_config(path, dataset):
+  path.write_text(TINY_CONFIG_FILE.format(dataset=dataset))
+  return path
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tmp_path_factory):
+  """A checkpoint of a tiny random MAFW-class model (11 classes), written as `convert` writes one."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax.models import MMADFER  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp('predict')
+  config = predict.load_config_file(write_config(root / 'tiny_mafw.py', 'mafw'))
+  m = config.model
+  video = np.zeros((1, m.num_frames, m.img_size, m.img_size, 3), np.float32)
+  audio = np.zeros((1, m.audio_frames, m.audio_mels), np.float32)
+  params = MMADFER(m).init(jax.random.PRNGKey(0), video, audio, train=False)['params']
+  return checkpoint.save_params(root / 'ckpt', params, config), root
+
+
+@pytest.fixture(scope='session')
+def tiny_model(tiny_checkpoint):
+  return predict.load_model(tiny_checkpoint[0])
+
+
+def write_video(path, frames, fps=25, audio=None, sample_rate=48000):
+  with av.open(str(path), 'w') as out:
+    stream = out.add_stream('libx264', rate=fps)
+    stream.height, stream.width = frames.shape[1:3]
+    stream.pix_fmt = 'yuv420p'
+    audio_stream = out.add_stream('aac', rate=sample_rate, layout='mono') if audio is not None else None
+    for frame in frames:
+      out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+    out.mux(stream.encode(None))
+    if audio_stream is not None:
+      for start in range(0, audio.size, 1024):  # the AAC encoder takes 1024 samples a frame
+        block = np.ascontiguousarray(audio[None, start:start + 1024], dtype=np.float32)
+        frame = av.AudioFrame.from_ndarray(block, format='fltp', layout='mono')
+        frame.sample_rate, frame.pts = sample_rate, start
+        out.mux(audio_stream.encode(frame))
+      out.mux(audio_stream.encode(None))
+  return path
+
+
+def gradient_frames(count, height, width):
+  rng = np.random.default_rng(0)
+  return rng.integers(0, 255, (count, height, width, 3), dtype=np.uint8)
+
+
+def check_probabilities(result, names):
+  assert set(result['probabilities']) == set(names)
+  assert sum(result['probabilities'].values()) == pytest.approx(1.0, abs=1e-6)
+  assert all(0 <= p <= 1 for p in result['probabilities'].values())
+  assert result['label'] == max(result['probabilities'], key=result['probabilities'].get)
+
+
+def test_cli_json_on_the_face_clip(tiny_checkpoint, tmp_path):
+  """The contract: exactly one JSON object on stdout, from a fresh process."""
+  from mma_dfer_jax import labels  # pylint: disable=import-outside-toplevel
+  checkpoint_dir, _ = tiny_checkpoint
+  montage = tmp_path / 'montage.png'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  run = subprocess.run([sys.executable, '-m', 'mma_dfer_jax.predict', str(face_clip()), '--checkpoint',
+                        str(checkpoint_dir), '--json', '--save-frames', str(montage)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr
+  result = json.loads(run.stdout)  # fails unless stdout holds exactly one JSON document
+  check_probabilities(result, labels.MAFW_CLASSES)
+  assert result['face_detected'] is True and result['has_audio'] is True
+  assert len(result['frames_used']) == 16 and result['num_frames'] == 100
+  assert result['frames_used'] == sorted(result['frames_used']) and result['frames_used'][-1] < 100
+  assert TIMING_KEYS <= set(result['timings'])
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with Image.open(montage) as image:
+    assert image.width == 4 * predict.MONTAGE_MIN_TILE and image.height > image.width
+
+
+def test_no_audio_five_frames_portrait(tiny_model, tmp_path):
+  from mma_dfer_jax import labels  # pylint: disable=import-outside-toplevel
+  params, config = tiny_model
+  path = write_video(tmp_path / 'five_portrait.mp4', gradient_frames(5, 320, 180))
+  result = predict.predict_video(path, params, config)
+  check_probabilities(result, labels.MAFW_CLASSES)
+  assert result['has_audio'] is False and result['sample_rate'] is None
+  assert result['num_frames'] == 5
+  assert result['frames_used'] == [0, 1, 2, 3, 4] + [4] * 11  # edge padding to 16
+  assert any('no audio' in note for note in result['notes'])
+  assert result['face_detected'] is False  # noise has no face: centre crops
+
+
+def test_mono_audio_and_table_output(tiny_checkpoint, tmp_path, capsys):
+  checkpoint_dir, _ = tiny_checkpoint
+  rate = 22050
+  tone = 0.2 * np.sin(2 * np.pi * 330 * np.arange(rate) / rate)
+  path = write_video(tmp_path / 'tone.mp4', gradient_frames(40, 96, 128), audio=tone, sample_rate=rate)
+  assert predict.main([str(path), '--checkpoint', str(checkpoint_dir)]) == 0
+  table = capsys.readouterr().out
+  assert 'face detected: no' in table and 'audio: yes' in table and 'anger' in table
+
+
+def test_config_override_names_the_classes(tiny_checkpoint, tmp_path, capsys):
+  checkpoint_dir, root = tiny_checkpoint
+  override = write_config(tmp_path / 'tiny_other.py', 'other')
+  assert predict.main([str(face_clip()), '--checkpoint', str(checkpoint_dir), '--config', str(override),
+                       '--json']) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert set(result['probabilities']) == {f'class_{k}' for k in range(11)}
+
+
+def test_user_errors_exit_2_with_one_line(tiny_checkpoint, tmp_path, capsys):
+  checkpoint_dir, _ = tiny_checkpoint
+  corrupt = tmp_path / 'corrupt.mp4'
+  corrupt.write_bytes(b'\x00\x00\x00\x18ftypmp42' + os.urandom(2000))
+  cases = [
+      ([str(tmp_path / 'missing.mp4'), '--checkpoint', str(checkpoint_dir)], 'missing.mp4'),
+      ([str(corrupt), '--checkpoint', str(checkpoint_dir)], 'corrupt.mp4'),
+      ([str(face_clip()), '--checkpoint', str(tmp_path / 'no_ckpt')], 'no_ckpt'),
+      ([str(face_clip()), '--checkpoint', str(tmp_path)], str(tmp_path)),  # a folder without a checkpoint
+      ([str(face_clip()), '--checkpoint', str(checkpoint_dir), '--config', str(tmp_path / 'x.py')], 'x.py'),
+  ]
+  for argv, named in cases:
+    assert predict.main(argv) == predict.EXIT_USER_ERROR, argv
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error:') and named in lines[0], captured.err
