@@ -1,0 +1,391 @@
+"""The experiment loop of the paper's protocol: train a fold, evaluate after every epoch, cross-validate folds.
+
+Works unchanged on one CPU, many devices and many hosts: every process runs this code, feeds its slice of each
+global batch, and only process 0 writes logs, plots and summaries (Orbax writes checkpoints collectively).
+"""
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from mma_dfer_jax import checkpoint
+from mma_dfer_jax import convert
+from mma_dfer_jax import input_pipeline
+from mma_dfer_jax import labels as labels_lib
+from mma_dfer_jax import metrics as metrics_lib
+from mma_dfer_jax import sharding
+from mma_dfer_jax import train
+
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+
+
+class UserError(Exception):
+  """A mistake in the command line, config or files: reported as one line, without a traceback."""
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+  if is_main_process():
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starting parameters.
+
+def _check_param_shapes(params, model_config, where):
+  expected = convert.param_shapes(model_config)
+  import flax  # pylint: disable=g-import-not-at-top
+  got = {p: tuple(np.shape(v)) for p, v in flax.traverse_util.flatten_dict(params).items()}
+  bad = sorted('/'.join(p) for p in set(expected) | set(got) if expected.get(p) != got.get(p))
+  if bad:
+    raise UserError(f'{where}: parameters do not fit config.model ({", ".join(bad[:6])}'
+                    f'{" ..." if len(bad) > 6 else ""}); use the config the checkpoint was made with')
+
+
+def initial_params(config, rng):
+  """init.checkpoint, else the SSL encoders, else random encoders (said loudly)."""
+  init = config.init
+  if init.checkpoint:
+    if not Path(init.checkpoint).exists():
+      raise UserError(f'init.checkpoint={init.checkpoint}: no such directory')
+    try:
+      params = checkpoint.load_params(init.checkpoint)
+    except checkpoint.CheckpointNotFoundError as e:
+      raise UserError(str(e)) from None
+    _check_param_shapes(params, config.model, init.checkpoint)
+    say(f'Starting from the Flax checkpoint {init.checkpoint}')
+    return params
+  if init.face_checkpoint or init.audio_checkpoint:
+    for name in ('face_checkpoint', 'audio_checkpoint'):
+      path = init[name]
+      if not path or not Path(path).is_file():
+        raise UserError(f'init.{name}={path!r}: file not found. Download the SSL weights (see README), or pass '
+                        f'--config.init.{name}=PATH; --config.init.face_checkpoint= --config.init.audio_checkpoint= '
+                        'trains from random encoders')
+    say(f'Starting from the SSL encoders {init.face_checkpoint} and {init.audio_checkpoint}')
+    try:
+      return convert.init_from_ssl(config.model, init.face_checkpoint, init.audio_checkpoint, rng)
+    except (convert.ConversionError, ValueError) as e:
+      raise UserError(str(e)) from None
+  banner = '!' * 100
+  logging.warning('No init.checkpoint and no SSL files: training from RANDOM encoders.')
+  say(f'{banner}\n!! WARNING: no init.checkpoint and no init.face_checkpoint/audio_checkpoint: the encoders are RANDOM.\n'
+      f'!! Fine for the synthetic demo; for DFEW/MAFW convert the SSL weights first (see README).\n{banner}')
+  c = config.model
+  video = jnp.zeros((1, c.num_frames, c.img_size, c.img_size, 3))
+  audio = jnp.zeros((1, c.audio_frames, c.audio_mels))
+  return jax.jit(train.MMADFER(c).init)(rng, video, audio)['params']
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: the train state, the epoch's running loss and the input iterator, every N steps and every epoch.
+
+def _checkpoint_tree(state, loss_sum, loss_count):
+  return {'params': state.params, 'opt_state': state.opt_state, 'step': state.step,
+          'epoch_loss_sum': np.asarray(loss_sum, np.float64), 'epoch_loss_count': np.asarray(loss_count, np.int64)}
+
+
+def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+  return ocp.CheckpointManager(workdir / checkpoint.TRAIN_CHECKPOINTS_DIR, options=options,
+                               item_names=('state', 'data'))
+
+
+def _save(manager, state, loss_sum, loss_count, train_iter):
+  step = int(state.step)
+  if step in manager.all_steps():
+    return
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_checkpoint_tree(state, loss_sum, loss_count)),
+      data=grain.checkpoint.CheckpointSave(train_iter)))
+
+
+def _restore(manager, step, state, mesh, train_iter):
+  def as_target(x):
+    if isinstance(x, np.ndarray):  # host values (the running loss) restore as numpy
+      return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh))
+  target = jax.tree_util.tree_map(as_target, _checkpoint_tree(state, 0.0, 0))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(train_iter)))
+  tree = restored['state']
+  state = state.replace(params=tree['params'], opt_state=tree['opt_state'], step=tree['step'])
+  return state, float(tree['epoch_loss_sum']), int(tree['epoch_loss_count'])
+
+
+class _StopRequest:
+  """SIGTERM (preemption) asks the loop to save a checkpoint and exit cleanly at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled steps with their shardings.
+
+def compiled_steps(state, mesh):
+  state_sh = sharding.state_sharding(state, mesh)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_step = jax.jit(train._train_step, in_shardings=(state_sh, batch_sh, repl),  # pylint: disable=protected-access
+                       out_shardings=(state_sh, repl), donate_argnums=0)
+
+  def evaluate(state, batch):
+    logits = train._eval_logits(state, batch)  # pylint: disable=protected-access
+    return jnp.argmax(logits, -1), batch['label'], batch['mask']
+  eval_step = jax.jit(evaluate, in_shardings=(state_sh, batch_sh), out_shardings=repl)
+  return train_step, eval_step
+
+
+def evaluate_split(eval_step, state, config, mesh, class_names, desc='eval') -> dict:
+  """Every test clip exactly once (the pipeline pads the last batch and masks the padding)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  num_classes = config.model.num_classes
+  matrix = np.zeros((num_classes, num_classes), np.int64)
+  iterator = input_pipeline.create_eval_iterator(config, jax.process_index(), jax.process_count())
+  total = math.ceil(input_pipeline.num_eval_examples(config) / config.eval_batch_size)
+  for local in tqdm(iterator, total=total, desc=desc, disable=not is_main_process(), leave=False):
+    batch = sharding.global_batch({k: local[k] for k in ('video', 'audio', 'label', 'mask')}, mesh)
+    predictions, labels, mask = (np.asarray(x) for x in eval_step(state, batch))
+    mask = mask.astype(bool)
+    matrix += metrics_lib.confusion_matrix(labels[mask], predictions[mask], num_classes)
+  return metrics_lib.summarize(matrix, class_names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training a fold.
+
+@dataclasses.dataclass
+class _Writers:
+  workdir: Path
+  class_names: tuple
+
+  def __post_init__(self):
+    self.tensorboard = None
+    if is_main_process():
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.tensorboard = SummaryWriter(str(self.workdir / 'tensorboard'))
+
+  def scalars(self, step, values: dict):
+    if self.tensorboard:
+      for k, v in values.items():
+        self.tensorboard.add_scalar(k, v, step)
+
+  def epoch(self, record: dict):
+    if not is_main_process():
+      return
+    metrics_lib.append_jsonl(self.workdir / METRICS_FILE, record)
+    self.scalars(record['step'], {'test/war': record['war'], 'test/uar': record['uar'],
+                                  'train/epoch_loss': record['train_loss']})
+    self.tensorboard.flush()
+    metrics_lib.plot_learning_curves(metrics_lib.read_jsonl(self.workdir / METRICS_FILE),
+                                     self.workdir / 'learning_curves.png')
+    metrics_lib.plot_confusion_matrix(record['confusion_matrix'], self.class_names,
+                                      self.workdir / 'confusion_matrix.png',
+                                      f'epoch {record["epoch"] + 1}: WAR {record["war"]:.1f}, UAR {record["uar"]:.1f}')
+
+  def close(self):
+    if self.tensorboard:
+      self.tensorboard.close()
+
+
+def _evaluated_epochs(workdir: Path) -> set:
+  return {r['epoch'] for r in metrics_lib.read_jsonl(workdir / METRICS_FILE) if r.get('kind') == 'epoch'}
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  """Train config.fold for config.num_epochs, evaluating after every epoch; resumes from `workdir`."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  total_steps = steps_per_epoch * config.num_epochs
+  class_names = labels_lib.class_names(config.dataset, config.model.num_classes)
+  if is_main_process():
+    checkpoint.save_config(workdir, config)
+
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  manager = _checkpoint_manager(workdir, config)
+  train_iter = input_pipeline.create_train_iterator(config, jax.process_index(), jax.process_count())
+  latest = manager.latest_step()
+  if latest is None:
+    params = initial_params(config, init_rng)
+    state = train.create_train_state(config, params, steps_per_epoch)
+    loss_sum, loss_count = 0.0, 0
+  else:
+    abstract = _abstract_state(config, steps_per_epoch)
+    state, loss_sum, loss_count = _restore(manager, latest, abstract, mesh, train_iter)
+    say(f'Resumed from {workdir} at step {latest} (epoch {latest // steps_per_epoch + 1})')
+  state = jax.device_put(state, sharding.state_sharding(state, mesh))
+  train_step, eval_step = compiled_steps(state, mesh)
+  writers = _Writers(workdir, class_names)
+  stop = _StopRequest()
+  say(f'{config.dataset} fold {config.fold}: {steps_per_epoch} steps/epoch x {config.num_epochs} epochs, '
+      f'global batch {config.batch_size} on {mesh.size} device(s) in {jax.process_count()} process(es); '
+      f'{train.count_parameters(train.partition(state.params)[0]) / 1e6:.2f}M trainable parameters')
+
+  schedule = train.learning_rate_schedule(config, steps_per_epoch)
+  step = int(state.step)
+  done = _evaluated_epochs(workdir)
+  try:
+    while True:
+      epoch = step // steps_per_epoch
+      # An epoch whose steps are done but whose evaluation was interrupted is evaluated first.
+      if step == (epoch * steps_per_epoch) and epoch > 0 and (epoch - 1) not in done:
+        _finish_epoch(epoch - 1, step, state, eval_step, config, mesh, class_names, writers, loss_sum, loss_count)
+        done.add(epoch - 1)
+        loss_sum, loss_count = 0.0, 0
+      if step >= total_steps:
+        break
+      end = (epoch + 1) * steps_per_epoch
+      bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch, desc=f'epoch {epoch + 1}',
+                 disable=not is_main_process(), unit='step', dynamic_ncols=True)
+      started, clips = time.perf_counter(), 0
+      pending = []  # device scalars, fetched in groups so the host does not wait on every step
+      while step < end:
+        batch = sharding.global_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
+        pending.append(metrics['loss'])
+        step += 1
+        clips += config.batch_size
+        bar.update(1)
+        at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+        if len(pending) >= config.log_every_steps or step == end or stop.requested or at_checkpoint:
+          # Fetch the losses (the running epoch loss is part of every checkpoint).
+          losses = [float(x) for x in pending]
+          loss_sum, loss_count = loss_sum + sum(losses), loss_count + len(losses)
+          pending = []
+          rate = clips / (time.perf_counter() - started)
+          bar.set_postfix(loss=f'{losses[-1]:.4f}', clips_per_s=f'{rate:.1f}')
+          writers.scalars(step, {'train/loss': losses[-1], 'train/clips_per_s': rate,
+                                 'train/learning_rate': float(schedule(step - 1))})
+        if stop.requested:
+          _save(manager, state, loss_sum, loss_count, train_iter)
+          manager.wait_until_finished()
+          bar.close()
+          say(f'SIGTERM: saved a checkpoint at step {step}; run the same command to resume.')
+          raise SystemExit(0)
+        if at_checkpoint and step < end:
+          _save(manager, state, loss_sum, loss_count, train_iter)
+      bar.close()
+      _save(manager, state, loss_sum, loss_count, train_iter)
+  finally:
+    stop.restore()
+    manager.wait_until_finished()
+    writers.close()
+
+  records = [r for r in metrics_lib.read_jsonl(workdir / METRICS_FILE) if r.get('kind') == 'epoch']
+  last = records[-1] if records else None
+  if last is None:  # another process wrote the logs; evaluate to know the figures
+    last = evaluate_split(eval_step, state, config, mesh, class_names)
+    last['train_loss'] = None
+  summary = {
+      'dataset': config.dataset, 'fold': config.fold, 'war': last['war'], 'uar': last['uar'],
+      'epochs': config.num_epochs, 'steps': int(state.step), 'train_loss': last['train_loss'],
+      'trainable_l2': float(train.trainable_l2(state.params)), 'per_class_recall': last['per_class_recall'],
+      'confusion_matrix': last['confusion_matrix'], 'num_test_clips': last['num_clips'],
+  }
+  if is_main_process():
+    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+  say(f'Done: WAR {summary["war"]:.2f}  UAR {summary["uar"]:.2f} after {summary["steps"]} steps '
+      f'-> {workdir / SUMMARY_FILE}')
+  return summary
+
+
+def _finish_epoch(epoch, step, state, eval_step, config, mesh, class_names, writers, loss_sum, loss_count):
+  result = evaluate_split(eval_step, state, config, mesh, class_names, desc=f'eval epoch {epoch + 1}')
+  record = {'kind': 'epoch', 'epoch': epoch, 'step': step, 'train_loss': loss_sum / max(1, loss_count), **result}
+  writers.epoch(record)
+  say(f'epoch {epoch + 1}: train loss {record["train_loss"]:.4f}  WAR {result["war"]:.2f}  UAR {result["uar"]:.2f}')
+
+
+def _abstract_state(config, steps_per_epoch):
+  """The train state's structure, shapes and dtypes, without computing anything (the target of a restore)."""
+  c = config.model
+
+  def make_state():
+    video = jnp.zeros((1, c.num_frames, c.img_size, c.img_size, 3))
+    audio = jnp.zeros((1, c.audio_frames, c.audio_mels))
+    params = train.MMADFER(c).init(jax.random.key(0), video, audio)['params']
+    return train.create_train_state(config, params, steps_per_epoch)
+  return jax.eval_shape(make_state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation of a checkpoint, and the 5-fold protocol.
+
+def evaluate_checkpoint(config, workdir) -> dict:
+  """--mode eval: the checkpoint in init.checkpoint (or the latest in workdir) on the fold's test split."""
+  workdir = Path(workdir).absolute()
+  source = config.init.checkpoint or str(workdir)
+  try:
+    params = checkpoint.load_params(source)
+  except checkpoint.CheckpointNotFoundError as e:
+    raise UserError(f'{e}; pass --config.init.checkpoint=DIR') from None
+  _check_param_shapes(params, config.model, source)
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  state = train.create_train_state(config, params)
+  state = jax.device_put(state, sharding.state_sharding(state, mesh))
+  _, eval_step = compiled_steps(state, mesh)
+  class_names = labels_lib.class_names(config.dataset, config.model.num_classes)
+  result = evaluate_split(eval_step, state, config, mesh, class_names)
+  result.update(dataset=config.dataset, fold=config.fold, checkpoint=source)
+  if is_main_process():
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / f'eval_fold{config.fold}.json'
+    out.write_text(json.dumps(result, indent=2))
+    metrics_lib.plot_confusion_matrix(result['confusion_matrix'], class_names,
+                                      workdir / f'eval_fold{config.fold}_confusion.png')
+  say(f'{config.dataset} fold {config.fold}: WAR {result["war"]:.2f}  UAR {result["uar"]:.2f} '
+      f'over {result["num_clips"]} clips')
+  return result
+
+
+def cross_validate(config, workdir, folds=(1, 2, 3, 4, 5)) -> dict:
+  """Train and evaluate every fold in workdir/fold<k>/ (a finished fold is skipped), then the paper's table."""
+  workdir = Path(workdir).absolute()
+  summaries = {}
+  for fold in folds:
+    fold_config = ml_collections.ConfigDict(config.to_dict())
+    fold_config.fold = fold
+    fold_dir = workdir / f'fold{fold}'
+    summary_file = fold_dir / SUMMARY_FILE
+    if summary_file.exists():
+      say(f'fold {fold}: already done ({summary_file})')
+      summaries[fold] = json.loads(summary_file.read_text())
+      continue
+    say(f'=== fold {fold} ===')
+    summaries[fold] = train_and_evaluate(fold_config, fold_dir)
+  markdown, table = metrics_lib.cross_validation_table(summaries)
+  if is_main_process():
+    (workdir / 'cross_validation.md').write_text(f'# {config.dataset}: {len(folds)}-fold cross-validation\n\n'
+                                                 + markdown)
+    (workdir / 'cross_validation.json').write_text(json.dumps(table, indent=2))
+  say(markdown)
+  return table
