@@ -8,6 +8,7 @@ Re-running a command resumes from its work directory. Multi-host (not needed on 
 peers): --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every host.
 """
 import os
+import re
 import sys
 
 from absl import app
@@ -85,11 +86,27 @@ def main(argv):
     fail(str(e))
 
 
-def run():
+def parse_flags(argv):
+  """absl's parsing, with a bad --config.key=value override reported as one line."""
+  for i, arg in enumerate(argv):
+    path = arg.split('=', 1)[1] if arg.startswith('--config=') else (
+        argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
+    if path is not None and not os.path.isfile(path.split(':')[0]):
+      fail(f'--config {path}: no such file (configs/dfew.py, configs/mafw.py and configs/demo.py come with the code)')
   try:
-    app.run(main)
-  except KeyError as e:  # an override of a config key that does not exist
-    fail(f'config key {e} does not exist; see the config file for the available keys')
+    return FLAGS(argv)
+  except (KeyError, AttributeError) as e:  # ml_collections: the overridden key does not exist
+    text = str(e).replace('\\', '')
+    key = re.search(r"'(\w+)'", text)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    fail(f'config key {key.group(1) if key else text!r} does not exist'
+         + (f' (did you mean {hint.group(1)!r}?)' if hint else '') + '; see the config file for the available keys')
+  except flags.Error as e:
+    fail(' '.join(str(e).split()))
+
+
+def run():
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
