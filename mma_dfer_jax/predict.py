@@ -75,8 +75,12 @@ _COMPILED = {}
 
 
 def _test_indices(num_segments):
-  from mma_dfer_jax import frames as frames_lib  # pylint: disable=import-outside-toplevel
-  return lambda num_frames: frames_lib.frame_indices(num_frames, train=False, num_segments=num_segments)
+  """The reference's test-time sampling: the centre of each of 16 equal segments, edge-padded when shorter."""
+  try:
+    from mma_dfer_jax.frames import frame_indices  # pylint: disable=import-outside-toplevel
+  except ImportError:  # the contract's other home for it (DESIGN.md item 6)
+    from mma_dfer_jax.input_pipeline import frame_indices  # pylint: disable=import-outside-toplevel
+  return lambda num_frames: frame_indices(num_frames, train=False, num_segments=num_segments)
 
 
 def _fbank(clip, model_config):
