@@ -151,13 +151,16 @@ def _read(container, path, pick, max_frames, max_side, want_audio) -> Video:
   streams = [video_stream] + ([audio_stream] if audio_stream is not None else [])
 
   video_packets = []
+  num_shown = 0
   for packet in container.demux(streams):
     if packet.stream.type == 'video':
       if packet.size:  # the demuxer ends each stream with an empty flush packet
         video_packets.append(packet)
+        # Packets before an edit list's start are decoded (later frames may refer to them) but never shown.
+        num_shown += not packet.is_discard
     elif collector is not None:
       collector.decode(packet)
-  num_frames = len(video_packets)
+  num_frames = num_shown
   if max_frames is not None:
     num_frames = min(num_frames, max_frames)
   if num_frames == 0:

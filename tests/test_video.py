@@ -2,6 +2,8 @@
 
 Videos are made here with PyAV, except the real-face clip from ../shared/fixtures.
 """
+import shutil
+import subprocess
 from pathlib import Path
 
 import av
@@ -255,3 +257,29 @@ def test_mafw_crop_faces_writes_reference_named_frames(tmp_path):
   from PIL import Image  # pylint: disable=import-outside-toplevel
   assert Image.open(out / '0.jpg').size == (30, 30)  # no face: the centre square of half the shorter side
   assert mafw_crop_faces.crop_folder(src, tmp_path / 'faces', workers=1, progress=False)['skipped'] == 1
+
+
+def test_every_frame_matches_a_plain_decode():
+  """Counting packets first and converting only picked frames gives the decoder's own frames, in order."""
+  container = av.open(str(face_clip()))
+  expected = np.stack([f.to_ndarray(format='rgb24') for f in container.decode(video=0)])
+  container.close()
+  clip = video_lib.read_video(face_clip(), pick=lambda n: list(range(n)), audio=False)
+  assert clip.num_frames == len(expected)
+  np.testing.assert_array_equal(clip.frames, expected)
+
+
+def test_edit_list_frames_are_not_counted(tmp_path):
+  """A stream copy cut mid-GOP keeps the GOP's head as packets the player discards: they are no frames."""
+  ffmpeg = shutil.which('ffmpeg')
+  if ffmpeg is None:
+    pytest.skip('ffmpeg is not installed: it makes the edit-list clip (apt-get install ffmpeg)')
+  source = write_video(tmp_path / 'gop.mp4', numbered_frames(60, 64, 64))
+  cut = tmp_path / 'cut.mp4'
+  subprocess.run([ffmpeg, '-v', 'error', '-y', '-ss', '0.9', '-i', str(source), '-c', 'copy', str(cut)], check=True)
+  container = av.open(str(cut))
+  shown = [f.to_ndarray(format='rgb24') for f in container.decode(video=0)]
+  container.close()
+  clip = video_lib.read_video(cut, pick=lambda n: list(range(n)))
+  assert clip.num_frames == len(shown)
+  np.testing.assert_array_equal(clip.frames, np.stack(shown))
