@@ -141,7 +141,8 @@ def kaldi_fbank(signal: np.ndarray, sample_rate: float, num_mel_bins: int = NUM_
   frames = frames - np.float32(_PREEMPHASIS) * previous
   frames = frames * _hann(length)
   # The FFT runs in float64: torch's float32 FFT leaves rounding noise in bands ~1e-7 below the frame's peak,
-  # which no float32 FFT here reproduces; the exact spectrum is the closest one can get to it (about 2x closer).
+  # which no float32 FFT here reproduces; the exact spectrum is closer to it than scipy's float32 one (max error
+  # on the golden wavs 3.5e-5 to 6.3e-5 after normalisation, against up to 7.6e-5).
   spectrum = np.abs(scipy.fft.rfft(frames.astype(np.float64), n=padded, axis=1)) ** 2
   energies = spectrum.astype(np.float32) @ _mel_banks_transposed(num_mel_bins, padded, float(sample_rate))
   return np.log(np.maximum(energies, _LOG_FLOOR)).astype(np.float32)
