@@ -137,6 +137,8 @@ def predict_video(path, params, config, save_frames: Optional[str] = None) -> di
   notes = []
   if clip.audio is None:
     notes.append('the video has no audio track: the model got the silent (all-zero) fbank')
+  if clip.damaged_packets:
+    notes.append(f'{clip.damaged_packets} damaged packets could not be decoded and were skipped')
   if not face_detected:
     notes.append('no face was found: the model got centre crops')
   if clip.num_frames < model_config.num_frames:

@@ -33,6 +33,7 @@ class Video:
   fps: float                    # the video stream's own frame rate
   audio: Optional[np.ndarray]   # (channels, samples) float32 in [-1, 1], or None when there is no audio track
   sample_rate: Optional[int]    # the audio stream's own rate, or None
+  damaged_packets: int = 0      # packets that failed to decode and were skipped (video and audio)
 
   @property
   def has_audio(self) -> bool:
@@ -90,12 +91,25 @@ def _to_rgb(frame, max_side: Optional[int]) -> np.ndarray:
   return rgb
 
 
+def _decode_packet(decode, packet, errors):
+  """The frames of one packet; none when the packet is damaged (the ffmpeg command line also skips those and
+  goes on; a clip whose every video packet fails is reported by the caller). Counts the failures in errors[0]."""
+  try:
+    return decode(packet)
+  except av.error.EOFError:
+    raise
+  except av.FFmpegError:
+    errors[0] += 1
+    return []
+
+
 class _AudioCollector:
   """Decodes audio packets into float32 planar blocks at the stream's own rate and layout."""
 
   def __init__(self, stream):
     self.stream = stream
     self.blocks = []
+    self.errors = [0]
     self.resampler = None
     self.sample_rate = None
 
@@ -108,7 +122,7 @@ class _AudioCollector:
       self.blocks.append(converted.to_ndarray())
 
   def decode(self, packet):
-    for frame in packet.decode():
+    for frame in _decode_packet(self.stream.codec_context.decode, packet, self.errors):
       self._add(frame)
 
   def finish(self):
@@ -176,6 +190,7 @@ def _read(container, path, pick, max_frames, max_side, want_audio) -> Video:
   decoded = 0
   last_rgb = None
   codec = video_stream.codec_context
+  errors = [0]
 
   def take(frame):
     nonlocal decoded, last_rgb
@@ -186,7 +201,7 @@ def _read(container, path, pick, max_frames, max_side, want_audio) -> Video:
     decoded += 1
 
   for packet in video_packets:
-    for frame in codec.decode(packet):
+    for frame in _decode_packet(codec.decode, packet, errors):
       take(frame)
     if decoded > last_wanted:
       break
@@ -205,7 +220,8 @@ def _read(container, path, pick, max_frames, max_side, want_audio) -> Video:
   audio, sample_rate = collector.finish() if collector is not None else (None, None)
   frames = np.stack([converted[i] for i in indices.tolist()])
   return Video(frames=frames, indices=indices, num_frames=num_frames, fps=_frame_rate(video_stream),
-               audio=audio, sample_rate=sample_rate)
+               audio=audio, sample_rate=sample_rate,
+               damaged_packets=errors[0] + (collector.errors[0] if collector is not None else 0))
 
 
 def iter_frames(path, max_side: Optional[int] = None) -> Iterator[np.ndarray]:
@@ -270,8 +286,9 @@ def _transcode_to_wav(container, in_stream, out_path) -> bool:
   resampler = None
   samples = 0
   try:
+    errors = [0]
     for packet in container.demux(in_stream):
-      for frame in packet.decode():
+      for frame in _decode_packet(in_stream.codec_context.decode, packet, errors):
         if out is None:
           out = av.open(str(out_path), mode='w', format='wav')
           out_stream = out.add_stream('pcm_s16le', rate=frame.sample_rate, layout=frame.layout.name)

@@ -283,3 +283,16 @@ def test_edit_list_frames_are_not_counted(tmp_path):
   clip = video_lib.read_video(cut, pick=lambda n: list(range(n)))
   assert clip.num_frames == len(shown)
   np.testing.assert_array_equal(clip.frames, np.stack(shown))
+
+
+def test_damaged_packets_are_skipped(tmp_path):
+  data = bytearray(face_clip().read_bytes())
+  rng = np.random.default_rng(0)
+  for start in (60000, 120000, 180000):  # inside the media data, past the header
+    data[start:start + 3000] = rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+  damaged = tmp_path / 'damaged.mp4'
+  damaged.write_bytes(bytes(data))
+  clip = video_lib.read_video(damaged, pick=lambda n: [0, n - 1])
+  assert clip.num_frames == 100 and clip.frames.shape == (2, 320, 320, 3)
+  assert clip.has_audio and clip.damaged_packets > 0
+  assert video_lib.extract_wav(damaged, tmp_path / 'damaged.wav')
