@@ -10,7 +10,8 @@ the classes).
 
 By default a readable table goes to stdout; with --json exactly one JSON object: `label`, `probabilities` (class
 name -> probability), `face_detected`, `has_audio`, `frames_used`, `num_frames`, `notes`, `timings` (seconds per
-stage). Errors in the input (a missing or unreadable video, checkpoint or config) print one line and exit with 2.
+stage: decode, faces, audio, model_compile, model_run, model, total; and checkpoint, the loading before them).
+Errors in the input (a missing or unreadable video, checkpoint or config) print one line and exit with 2.
 """
 import argparse
 import importlib.util
@@ -236,8 +237,11 @@ def main(argv=None) -> int:
   try:
     if not Path(args.video).is_file():
       raise PredictError(f'{args.video}: no such video file')
+    start = time.perf_counter()
     params, config = load_model(args.checkpoint, args.config)
+    load_seconds = time.perf_counter() - start
     result = predict_video(args.video, params, config, save_frames=args.save_frames)
+    result['timings']['checkpoint'] = round(load_seconds, 4)  # reading params and config, outside `total`
   except (PredictError, video_lib.VideoError) as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USER_ERROR
