@@ -6,8 +6,8 @@ caller picks which frames it needs from that count (`pick`, e.g. the 16 test-tim
 decoded (H.264 needs its references) but only the picked ones are converted to RGB, which is what costs.
 
 Frames come out RGB uint8, upright: a display matrix (how phones store portrait video) is applied. Audio comes out
-float32 (channels, samples) in [-1, 1] at the stream's own sample rate with all of its channels, as the reference
-read its ffmpeg-made wavs. `extract_wav` writes that track as PCM16 wav, as the reference's `ffmpeg -i clip.mp4
+float32 (channels, samples) in [-1, 1) at the stream's own sample rate with all of its channels, quantised to 16
+bits: exactly the samples of the PCM16 wav that `extract_wav` (or the reference's ffmpeg command) writes. `extract_wav` writes that track as PCM16 wav, as the reference's `ffmpeg -i clip.mp4
 clip.wav` did.
 
 This is a leaf module: it imports nothing from this package.
@@ -31,7 +31,7 @@ class Video:
   indices: np.ndarray           # (K,) int: which frames of the clip (0-based, presentation order) they are
   num_frames: int               # frames in the clip (or max_frames when it stopped early)
   fps: float                    # the video stream's own frame rate
-  audio: Optional[np.ndarray]   # (channels, samples) float32 in [-1, 1], or None when there is no audio track
+  audio: Optional[np.ndarray]   # (channels, samples) float32 in [-1, 1) on the PCM16 grid, or None when no track
   sample_rate: Optional[int]    # the audio stream's own rate, or None
   damaged_packets: int = 0      # packets that failed to decode and were skipped (video and audio)
 
@@ -104,7 +104,12 @@ def _decode_packet(decode, packet, errors):
 
 
 class _AudioCollector:
-  """Decodes audio packets into float32 planar blocks at the stream's own rate and layout."""
+  """Decodes audio packets into 16-bit planar blocks at the stream's own rate and layout.
+
+  The reference computed its features from wavs that ffmpeg wrote as PCM16; near-silent stretches (digital
+  silence after a lossy codec) give very different log-mel values at 16 bits than in float (up to 0.47 after
+  normalisation on the fixture clip), so the audio goes through the same libswresample conversion to int16.
+  """
 
   def __init__(self, stream):
     self.stream = stream
@@ -116,8 +121,8 @@ class _AudioCollector:
   def _add(self, frame):
     if self.resampler is None:
       self.sample_rate = frame.sample_rate
-      # Only the sample format changes (to planar float); rate and channels stay the stream's own.
-      self.resampler = av.AudioResampler(format='fltp', layout=frame.layout, rate=frame.sample_rate)
+      # Only the sample format changes (to planar int16); rate and channels stay the stream's own.
+      self.resampler = av.AudioResampler(format='s16p', layout=frame.layout, rate=frame.sample_rate)
     for converted in self.resampler.resample(frame):
       self.blocks.append(converted.to_ndarray())
 
@@ -132,8 +137,8 @@ class _AudioCollector:
         self.blocks.append(converted.to_ndarray())
     if not self.blocks:
       return None, None
-    audio = np.concatenate(self.blocks, axis=1).astype(np.float32, copy=False)
-    return np.clip(audio, -1.0, 1.0), self.sample_rate
+    audio = np.concatenate(self.blocks, axis=1).astype(np.float32) / 32768.0  # as soundfile reads PCM16
+    return audio, self.sample_rate
 
 
 def read_video(path, pick: Optional[Callable[[int], Sequence[int]]] = None, max_frames: Optional[int] = None,
@@ -238,7 +243,7 @@ def iter_frames(path, max_side: Optional[int] = None) -> Iterator[np.ndarray]:
 
 
 def read_audio(path):
-  """The first audio track as ((channels, samples) float32 in [-1, 1], sample_rate), or (None, None)."""
+  """The first audio track as ((channels, samples) float32 in [-1, 1), PCM16 values, sample_rate), or (None, None)."""
   container = _open(path)
   try:
     if not container.streams.audio:
