@@ -169,3 +169,14 @@ def test_user_errors_exit_2_with_one_line(tiny_checkpoint, tmp_path, capsys):
     assert captured.out == ''
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error:') and named in lines[0], captured.err
+
+
+def test_audio_features_match_the_extracted_wav(tmp_path):
+  """predict's fbank of the decoded track equals the training pipeline's fbank of the wav extract_audio writes."""
+  from mma_dfer_jax import audio  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import video  # pylint: disable=import-outside-toplevel
+  clip = video.read_video(face_clip(), pick=lambda n: [0])
+  wav = tmp_path / 'clip.wav'
+  assert video.extract_wav(face_clip(), wav)
+  np.testing.assert_allclose(audio.fbank_from_waveform(clip.audio, clip.sample_rate), audio.load_fbank(wav),
+                             atol=1e-5)
