@@ -28,6 +28,9 @@ from mma_dfer_jax import video as video_lib
 
 EXIT_USER_ERROR = 2
 MONTAGE_MIN_TILE = 96  # pixels
+# 4K and larger frames are scaled down while converting (cheap there) to bound memory: a face in a 1920 px frame
+# still has far more pixels than the model's 224.
+MAX_FRAME_SIDE = 1920
 
 
 class PredictError(Exception):
@@ -111,7 +114,7 @@ def predict_video(path, params, config, save_frames: Optional[str] = None) -> di
   timings = {}
   start = time.perf_counter()
 
-  clip = video_lib.read_video(path, pick=_test_indices(model_config.num_frames))
+  clip = video_lib.read_video(path, pick=_test_indices(model_config.num_frames), max_side=MAX_FRAME_SIDE)
   timings['decode'] = time.perf_counter() - start
 
   t = time.perf_counter()
