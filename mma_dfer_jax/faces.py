@@ -13,10 +13,11 @@ The crop rule follows the reference's data_utils/extract_faces_mfaw.py, which cr
 - cut out with the far edges clipped to the image (a box running off the image stays cut there, not shifted, so
   crops at the border are not square; the loader's resize to img x img then stretches them, as in training);
 - no face: a centre square whose side is about half the shorter image side.
-Where we differ: the detector (libfacedetection's boxes are a little tighter than MTCNN's around the chin and
-forehead; MTCNN's own threshold and NMS are not reproduced) and, in `face_crops`, boxes smoothed over the sampled
-frames (the reference cropped each frame on its own, so its crops jitter; frames where nothing was found take the
-box of their neighbours instead of a centre crop, as long as a face was found somewhere in the clip).
+Where we differ: the detector (its boxes are not MTCNN's, so the extent of a crop around forehead and chin, and
+which small or faint faces count, differ somewhat from the reference's) and, in `face_crops`, boxes smoothed over
+the sampled frames (the reference cropped each frame on its own, so its crops jitter; frames where nothing was
+found take the box of their neighbours instead of a centre crop, as long as a face was found somewhere in the
+clip).
 
 This is a leaf module: it imports nothing from this package.
 """
