@@ -65,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.worker_count = 0       # Grain worker processes (0: threads only)
   c.input.prefetch = 2           # batches prefetched ahead of the device
   c.input.augment = True
+  c.input.synthetic_train_size = 256  # clips of the synthetic dataset (dataset='synthetic')
+  c.input.synthetic_test_size = 64
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1               # devices on the 'data' axis (-1: all)

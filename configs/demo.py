@@ -10,10 +10,10 @@ def get_config():
   c = common.base_config()
   c.dataset = 'synthetic'
   c.data_dir = ''                # the synthetic clips are generated in memory from the seed
-  c.num_epochs = 6
+  c.num_epochs = 12
   c.batch_size = 16
   c.eval_batch_size = 32
-  c.learning_rate = 1e-3
+  c.learning_rate = 3e-3
   c.weight_decay = 1e-2
   c.seed = 1
 

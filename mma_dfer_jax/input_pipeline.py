@@ -1,0 +1,203 @@
+"""The Grain input pipeline: clips -> 16 decoded, augmented uint8 frames + fbank, in global batches.
+
+Order and randomness are functions of the seed alone: the clip order of epoch e is a permutation drawn from
+(seed, e), and each clip's frame choice and augmentation from (seed, e, clip index). Global batch g holds positions
+[g*B, (g+1)*B) of that order; process p of P reads only its contiguous slice of every global batch. So the global
+batches are the same for any number of processes, devices, threads or workers, and the iterator's state is just a
+position (checkpointable, resumes exactly). Only the sampled frames of a clip are decoded.
+"""
+import functools
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from mma_dfer_jax import audio as audio_lib
+from mma_dfer_jax import frames as frames_lib
+from mma_dfer_jax import synthetic
+from mma_dfer_jax.frames import frame_indices  # noqa: F401  (contract: input_pipeline.frame_indices)
+
+DATASETS = ('dfew', 'mafw', 'synthetic')
+FRAMES_KEYS = ('frames', 'images')
+
+
+class DatasetError(ValueError):
+  """The dataset is not there or not what the config says; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources.
+
+def _split_name(config, train: bool) -> str:
+  if not 1 <= config.fold <= 5:
+    raise DatasetError(f'config.fold={config.fold}: folds are numbered 1..5')
+  return f'fold{config.fold}_{"train" if train else "test"}'
+
+
+def _built_dataset_dir(data_dir: Path, name: str):
+  """The newest TFDS version directory of `name` under data_dir (one holding dataset_info.json)."""
+  root = data_dir / name
+  candidates = sorted(root.glob('**/dataset_info.json')) if root.is_dir() else []
+  return candidates[-1].parent if candidates else None
+
+
+def get_source(config, split: str):
+  """A random-access source of records for `split` ('train' or 'test') of config.dataset / config.fold."""
+  if config.dataset not in DATASETS:
+    raise DatasetError(f'config.dataset={config.dataset!r}: unknown dataset; use one of {", ".join(DATASETS)}')
+  train = split == 'train'
+  name = _split_name(config, train)
+  if config.dataset == 'synthetic':
+    size = config.input.get('synthetic_train_size', 256) if train else config.input.get('synthetic_test_size', 64)
+    return synthetic.SyntheticSource(config.seed + 1000 * config.fold, 'train' if train else 'test', size,
+                                     config.model.num_classes, config.model.audio_frames)
+  data_dir = Path(config.data_dir)
+  built = _built_dataset_dir(data_dir, config.dataset)
+  if built is None:
+    raise DatasetError(
+        f'data_dir={config.data_dir}: no built {config.dataset} dataset there. Build it first: python -m '
+        f'data.{config.dataset}.build --manual_dir /path/to/{config.dataset.upper()} --data_dir {config.data_dir}')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder_from_directory(str(built))
+  if name not in builder.info.splits:
+    raise DatasetError(f'{built}: has no split {name} (has {", ".join(sorted(builder.info.splits))})')
+  return builder.as_data_source(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One clip.
+
+def _record_frames(record):
+  for key in FRAMES_KEYS:
+    if key in record:
+      return list(record[key])
+  raise DatasetError(f'record {record.get("id")!r} has no frames (expected one of {FRAMES_KEYS})')
+
+
+def _fbank(record, audio_frames):
+  fbank = np.asarray(record['fbank'], np.float32)
+  return audio_lib.pad_or_cut(fbank, audio_frames) if fbank.shape[0] != audio_frames else fbank
+
+
+def train_example(record, rng: np.random.Generator, config) -> dict:
+  """The reference's training sample: a random frame per segment, one augmentation for the whole clip."""
+  c = config.model
+  encoded = _record_frames(record)
+  picked = frames_lib.frame_indices(len(encoded), True, rng, c.num_frames)
+  video = frames_lib.decode_frames([encoded[i] for i in picked])
+  if config.input.augment:
+    params = frames_lib.sample_augmentation(rng, video.shape[1], video.shape[2])
+    video = frames_lib.apply_augmentation(video, params, c.img_size)
+  else:
+    video = frames_lib.resize_frames(video, c.img_size)
+  return {'video': video, 'audio': _fbank(record, c.audio_frames), 'label': np.int32(record['label'])}
+
+
+def test_example(record, config) -> dict:
+  """Segment centres, resized to img x img."""
+  c = config.model
+  encoded = _record_frames(record)
+  picked = frames_lib.frame_indices(len(encoded), False, None, c.num_frames)
+  video = frames_lib.resize_frames(frames_lib.decode_frames([encoded[i] for i in picked]), c.img_size)
+  return {'video': video, 'audio': _fbank(record, c.audio_frames), 'label': np.int32(record['label'])}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Positions -> clips, for this process's slice of every global batch.
+
+@functools.lru_cache(maxsize=8)
+def epoch_order(seed: int, epoch: int, num_clips: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num_clips)
+
+
+def _local_batch_size(global_batch: int, process_count: int, what: str) -> int:
+  if global_batch % process_count:
+    raise DatasetError(f'config.{what}={global_batch} is not divisible by {process_count} processes')
+  return global_batch // process_count
+
+
+def _global_position(local_position, local_batch, global_batch, process_index):
+  """This process's `local_position`-th element -> its position in the global stream of clips."""
+  return (local_position // local_batch) * global_batch + process_index * local_batch + local_position % local_batch
+
+
+def steps_per_epoch(config) -> int:
+  """Train clips // global batch: the last partial batch of every epoch is dropped, as the reference does."""
+  clips = len(get_source(config, 'train'))
+  steps = clips // config.batch_size
+  if steps == 0:
+    raise DatasetError(f'{clips} training clips make no batch of batch_size={config.batch_size}')
+  return steps
+
+
+def num_eval_examples(config) -> int:
+  return len(get_source(config, 'test'))
+
+
+def _finish(dataset, config, local_batch):
+  """Threads (or worker processes) and prefetch (config.input.prefetch batches ahead) from config.input."""
+  options = grain.ReadOptions(num_threads=max(1, config.input.read_threads),
+                              prefetch_buffer_size=max(1, config.input.prefetch) * local_batch)
+  dataset = dataset.to_iter_dataset(options)
+  if config.input.worker_count > 0:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.input.worker_count))
+  return dataset
+
+
+def train_dataset(config, process_index=0, process_count=1) -> grain.IterDataset:
+  source = get_source(config, 'train')
+  num_clips, batch = len(source), config.batch_size
+  local = _local_batch_size(batch, process_count, 'batch_size')
+  per_epoch = steps_per_epoch(config) * batch
+  seed = config.seed
+
+  def load(local_position):
+    position = _global_position(int(local_position), local, batch, process_index)
+    epoch, offset = divmod(position, per_epoch)
+    clip = int(epoch_order(seed, epoch, num_clips)[offset])
+    rng = np.random.default_rng([seed, epoch, clip, 1])
+    return train_example(source[clip], rng, config)
+
+  positions = grain.MapDataset.range(config.num_epochs * per_epoch // process_count)
+  return _finish(positions.map(load).batch(local, drop_remainder=True), config, local)
+
+
+def create_train_iterator(config, process_index=0, process_count=1):
+  """This process's slice of every global training batch, over all epochs: video uint8 (B/P, T, H, W, 3),
+  audio float32 (B/P, frames, mels), label int32. Checkpointable (`get_state` / `set_state`)."""
+  return iter(train_dataset(config, process_index, process_count))
+
+
+def eval_dataset(config, process_index=0, process_count=1) -> grain.IterDataset:
+  source = get_source(config, 'test')
+  num_clips, batch = len(source), config.eval_batch_size
+  local = _local_batch_size(batch, process_count, 'eval_batch_size')
+  padded = -(-num_clips // batch) * batch
+
+  def load(local_position):
+    position = _global_position(int(local_position), local, batch, process_index)
+    real = position < num_clips
+    example = test_example(source[position if real else 0], config)
+    example.update(mask=np.bool_(real), index=np.int32(position))
+    return example
+
+  positions = grain.MapDataset.range(padded // process_count)
+  return _finish(positions.map(load).batch(local, drop_remainder=True), config, local)
+
+
+def create_eval_iterator(config, process_index=0, process_count=1):
+  """Every test clip exactly once, in global batches of eval_batch_size; padding carries mask=False."""
+  return iter(eval_dataset(config, process_index, process_count))
+
+
+def measure_throughput(config, seconds=10.0) -> dict:
+  """Decoded + augmented frames per second of the train pipeline (for BENCHMARKS.md)."""
+  import time  # pylint: disable=g-import-not-at-top
+  iterator = create_train_iterator(config)
+  next(iterator)
+  started, clips = time.perf_counter(), 0
+  while time.perf_counter() - started < seconds:
+    clips += next(iterator)['label'].shape[0]
+  elapsed = time.perf_counter() - started
+  return {'clips_per_s': clips / elapsed, 'frames_per_s': clips * config.model.num_frames / elapsed,
+          'read_threads': config.input.read_threads, 'worker_count': config.input.worker_count}
