@@ -12,6 +12,7 @@ import math
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import flax
@@ -330,6 +331,7 @@ def _define_flags():
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, '.')  # config files import `configs.common` from the repository root
+  # Config files import `configs.common`: make the repository root (the folder above this package) importable.
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
   _define_flags()
   app.run(main)
