@@ -146,3 +146,27 @@ def test_orbax_round_trip(tmp_path, reference_small):
     checkpoint.save_params(tmp_path / 'ckpt', params, config)
   with pytest.raises(checkpoint.CheckpointNotFoundError, match='no checkpoint'):
     checkpoint.load_params(tmp_path)
+
+
+def _convert_cli(*args):
+  import os
+  import subprocess
+  import sys
+  from conftest import ROOT
+  return subprocess.run([sys.executable, '-m', 'mma_dfer_jax.convert', *map(str, args)], cwd=ROOT, text=True,
+                        capture_output=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+
+
+def test_command_line_writes_a_loadable_checkpoint_and_reports_errors_in_one_line(tmp_path, reference_small):
+  sizes = ['--config.model.width=96', '--config.model.num_heads=3', '--config.model.mlp_dim=384']
+  done = _convert_cli('released', '--src', reference_small / 'model.pth', '--out', tmp_path / 'out',
+                      '--config', 'configs/dfew.py', *sizes)
+  assert done.returncode == 0, done.stderr[-2000:]
+  params = checkpoint.load_params(tmp_path / 'out')
+  expected = convert.load_released_checkpoint(reference_small / 'model.pth', small_model_config())
+  jax.tree_util.tree_map(np.testing.assert_array_equal, expected, params)
+  failed = _convert_cli('released', '--src', reference_small / 'model.pth', '--out', tmp_path / 'bad',
+                        '--config', 'configs/dfew.py')  # ViT-B sizes do not fit the small checkpoint
+  assert failed.returncode != 0
+  assert failed.stderr.strip().splitlines()[-1].startswith('error: ') and 'Traceback' not in failed.stderr
+  assert 'mis-shaped tensors' in failed.stderr
