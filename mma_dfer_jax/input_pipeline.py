@@ -34,11 +34,15 @@ def _split_name(config, train: bool) -> str:
   return f'fold{config.fold}_{"train" if train else "test"}'
 
 
-def _built_dataset_dir(data_dir: Path, name: str):
-  """The newest TFDS version directory of `name` under data_dir (one holding dataset_info.json)."""
+def _built_dataset_dir(data_dir: Path, name: str, split: str = ''):
+  """The newest TFDS version directory of `name` under data_dir (one holding dataset_info.json), preferring one
+  that has `split` (the builders write one config per fold: <name>/fold<k>/<version>/). Folders of an
+  unfinished build (TFDS's `incomplete.*`) are skipped."""
   root = data_dir / name
   candidates = sorted(root.glob('**/dataset_info.json')) if root.is_dir() else []
-  return candidates[-1].parent if candidates else None
+  candidates = [c.parent for c in candidates if not any(p.startswith('incomplete.') for p in c.relative_to(root).parts)]
+  with_split = [c for c in candidates if split and f'"{split}"' in (c / 'dataset_info.json').read_text()]
+  return (with_split or candidates or [None])[-1]
 
 
 def get_source(config, split: str):
@@ -52,7 +56,7 @@ def get_source(config, split: str):
     return synthetic.SyntheticSource(config.seed + 1000 * config.fold, 'train' if train else 'test', size,
                                      config.model.num_classes, config.model.audio_frames)
   data_dir = Path(config.data_dir)
-  built = _built_dataset_dir(data_dir, config.dataset)
+  built = _built_dataset_dir(data_dir, config.dataset, name)
   if built is None:
     raise DatasetError(
         f'data_dir={config.data_dir}: no built {config.dataset} dataset there. Build it first: python -m '

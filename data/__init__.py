@@ -1,0 +1,1 @@
+"""Dataset builders (DFEW, MAFW) and preparation tools."""

@@ -1,0 +1,371 @@
+"""What the DFEW and MAFW builders share: clips, annotation lists, example preparation and the fold builder.
+
+A dataset is built one fold at a time: builder config `fold<k>` writes the splits `fold<k>_train` and
+`fold<k>_test` to `<data_dir>/<name>/fold<k>/<version>/` as ArrayRecord. Each record holds
+
+  frames      the clip folder's image files in string order, as the exact bytes on disk (not re-encoded)
+  fbank       (512, 128) float32, the reference's normalised Kaldi fbank of the clip's wav (audio.load_fbank),
+              or audio.silent_fbank() when the clip has no audio
+  label       int, 0-based in the order of mma_dfer_jax/labels.py
+  id          the clip folder's name (e.g. '00001')
+  has_audio   False where the silent fbank stands in
+  num_frames  len(frames)
+
+Bad input does not stop a build: a clip without frames or with a frame that does not decode is left out; a clip
+without audio gets the silent fbank. Both are counted, logged and listed in the dataset's metadata
+(`<version dir>/metadata.json`, `builder.info.metadata`). A malformed annotation line or a label outside the class
+range is an error naming the file and line (AnnotationError), raised before anything is written.
+"""
+import dataclasses
+import inspect
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+from mma_dfer_jax import audio as audio_lib
+from mma_dfer_jax import frames as frames_lib
+from mma_dfer_jax import video as video_lib
+
+NUM_FOLDS = 5
+SPLITS = ('train', 'test')
+VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.mpg', '.mpeg', '.flv', '.wmv')
+
+log = logging.getLogger('data')
+
+
+class AnnotationError(ValueError):
+  """A split / annotation file that is missing or does not parse; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+  """One clip to store: where its frames are and where its audio may come from."""
+  id: str
+  label: int
+  frames_dir: Path
+  wav: Optional[Path] = None     # the clip's wav, when one exists
+  video: Optional[Path] = None   # the original video, to extract a wav from when there is none
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files of a manual download.
+
+def first_existing(candidates: Sequence[Path]) -> Optional[Path]:
+  return next((p for p in candidates if p.exists()), None)
+
+
+def require_dir(candidates: Sequence[Path], what: str, hint: str = '') -> Path:
+  """The first existing directory of candidates, or an error listing where it was looked for."""
+  found = first_existing(candidates)
+  if found is None or not found.is_dir():
+    tried = ', '.join(str(p) for p in candidates)
+    raise AnnotationError(f'{what} not found; looked for: {tried}.{" " + hint if hint else ""}')
+  return found
+
+
+def index_files(folders: Sequence[Path], suffixes: Sequence[str]) -> Dict[str, Path]:
+  """{stem: path} of the files with one of suffixes in the existing folders (first folder wins)."""
+  index = {}
+  for folder in folders:
+    if not folder.is_dir():
+      continue
+    for entry in sorted(folder.iterdir()):
+      if entry.suffix.lower() in suffixes and not entry.name.startswith('.'):
+        index.setdefault(entry.stem, entry)
+  return index
+
+
+def check_label(label: int, num_classes: int, where: str) -> int:
+  if not 0 <= label < num_classes:
+    raise AnnotationError(f'{where}: label {label} is outside the {num_classes} classes')
+  return label
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference's annotation lists: `<frames_dir> <num_frames> <label>` per line, labels from 0.
+
+def annotation_list_path(annotations_dir: Path, dataset: str, fold: int, split: str) -> Path:
+  """The reference's list for a fold and split: DFEW_set_1_train.txt, MAFW_set_1_train_faces.txt or
+  MAFW_set_1_train.txt (any case of the dataset prefix)."""
+  stem = f'{dataset.upper()}_set_{fold}_{split}'
+  candidates = [annotations_dir / f'{stem}_faces.txt', annotations_dir / f'{stem}.txt']
+  found = first_existing(candidates)
+  if found is None:
+    tried = ', '.join(str(p) for p in candidates)
+    raise AnnotationError(f'annotation list for {dataset} fold {fold} {split} not found; looked for: {tried}')
+  return found
+
+
+def read_annotation_list(path: Path, num_classes: int) -> List[Tuple[str, int]]:
+  """[(clip folder path as written, label)] of a reference list; the listed frame count is not used (the
+  builder stores the frames that are on disk, and the pipeline samples from those)."""
+  entries = []
+  for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    fields = line.split()
+    where = f'{path}:{number}'
+    if len(fields) != 3 or not re.fullmatch(r'\d+', fields[1]) or not re.fullmatch(r'-?\d+', fields[2]):
+      raise AnnotationError(f'{where}: expected "<frames_dir> <num_frames> <label>", got {line.strip()!r}')
+    entries.append((fields[0], check_label(int(fields[2]), num_classes, where)))
+  return entries
+
+
+def clip_name(listed_path: str) -> str:
+  """The clip folder's name of a listed path (its last component)."""
+  return Path(listed_path.rstrip('/\\')).name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One clip -> one record.
+
+@dataclasses.dataclass
+class Prepared:
+  """The outcome of preparing one clip: a record, or the reason it was left out."""
+  id: str
+  example: Optional[dict] = None
+  excluded: str = ''          # why the clip was left out ('' when it was not)
+  silent: bool = False        # stored with the silent fbank
+  audio_note: str = ''        # why it has no audio
+  mixed_sizes: bool = False   # its frames differ in size (stored; the pipeline's decode_frames refuses such clips)
+
+
+def read_frames(clip: Clip) -> Tuple[List[bytes], str, bool]:
+  """(encoded frames in string order, why the clip is unusable or '', whether frame sizes differ)."""
+  if not clip.frames_dir.is_dir():
+    return [], f'frame folder {clip.frames_dir} does not exist', False
+  names = frames_lib.sort_frame_names(os.listdir(clip.frames_dir))
+  if not names:
+    return [], f'no image files in {clip.frames_dir}', False
+  encoded, sizes = [], set()
+  for name in names:
+    data = (clip.frames_dir / name).read_bytes()
+    try:
+      sizes.add(frames_lib.decode_frame(data).shape)
+    except frames_lib.FrameDecodeError as e:
+      return [], f'{clip.frames_dir / name}: {e}', False
+    encoded.append(data)
+  return encoded, '', len(sizes) > 1
+
+
+def wav_for(clip: Clip, wav_cache: Path) -> Tuple[Optional[Path], str]:
+  """The clip's wav: its own, or one extracted from its original video into wav_cache (kept for re-runs)."""
+  if clip.wav is not None and clip.wav.is_file():
+    return clip.wav, ''
+  if clip.video is None or not clip.video.is_file():
+    return None, 'no wav and no original video'
+  cached = wav_cache / f'{clip.id}.wav'
+  if cached.is_file():
+    return cached, ''
+  wav_cache.mkdir(parents=True, exist_ok=True)
+  try:
+    if video_lib.extract_wav(clip.video, cached):
+      return cached, ''
+    return None, f'{clip.video} has no audio track'
+  except video_lib.VideoError as e:
+    return None, str(e)
+
+
+def fbank_for(clip: Clip, wav_cache: Path) -> Tuple[np.ndarray, str]:
+  """(normalised fbank, why it is silent or '')."""
+  wav, note = wav_for(clip, wav_cache)
+  if wav is None:
+    return audio_lib.silent_fbank(), note
+  try:
+    return audio_lib.load_fbank(wav), ''
+  except audio_lib.AudioError as e:
+    return audio_lib.silent_fbank(), str(e)
+
+
+def prepare_clip(job: Tuple[Clip, Path]) -> Prepared:
+  """Reads and checks one clip's frames and computes its fbank (runs in a worker process)."""
+  clip, wav_cache = job
+  encoded, problem, mixed = read_frames(clip)
+  if problem:
+    return Prepared(clip.id, excluded=problem)
+  fbank, audio_note = fbank_for(clip, wav_cache)
+  example = {'frames': encoded, 'fbank': fbank.astype(np.float32), 'label': clip.label, 'id': clip.id,
+             'has_audio': not audio_note, 'num_frames': len(encoded)}
+  return Prepared(clip.id, example, silent=bool(audio_note), audio_note=audio_note, mixed_sizes=mixed)
+
+
+def prepared_clips(clips: Sequence[Clip], wav_cache: Path, workers: int, desc: str) -> Iterator[Prepared]:
+  """prepare_clip over clips, in a process pool when workers > 1, with a progress bar."""
+  jobs = [(clip, wav_cache) for clip in clips]
+  bar = dict(total=len(jobs), desc=desc, unit='clip', smoothing=0.05)
+  if workers <= 1:
+    yield from tqdm(map(prepare_clip, jobs), **bar)
+    return
+  with multiprocessing.get_context('spawn').Pool(workers) as pool:
+    yield from tqdm(pool.imap(prepare_clip, jobs, chunksize=4), **bar)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The builder.
+
+class FoldConfig(tfds.core.BuilderConfig):
+  """One cross-validation fold: the splits fold<k>_train and fold<k>_test."""
+
+  def __init__(self, fold: int, **kwargs):
+    super().__init__(name=f'fold{fold}', description=f'cross-validation fold {fold} (set_{fold})', **kwargs)
+    self.fold = fold
+
+
+def fold_configs():
+  return [FoldConfig(k) for k in range(1, NUM_FOLDS + 1)]
+
+
+class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A dataset of clips in folds; subclasses say where a fold's clips are (`list_clips`).
+
+  Args (besides TFDS's): annotations_dir, a folder of the reference's annotation lists to read the folds from
+  instead of the official split files; workers, processes preparing clips.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Frames as raw bytes, normalised fbank, 5 folds.'}
+  BUILDER_CONFIGS = fold_configs()
+  CLASS_NAMES: Tuple[str, ...] = ()
+  DESCRIPTION = ''
+  HOMEPAGE = ''
+  CITATION = ''
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    # TFDS locates a builder's source through importlib_resources, which is not installed here; the module file
+    # is all it needs (for an optional checksums file next to it).
+    cls.code_path = epath.Path(inspect.getfile(cls))
+
+  def __init__(self, *, annotations_dir=None, workers: int = 1, **kwargs):
+    self._annotations_dir = Path(annotations_dir) if annotations_dir else None
+    self._workers = workers
+    super().__init__(**kwargs)
+
+  # To implement.
+  def list_clips(self, manual_dir: Path, fold: int, split: str) -> List[Clip]:
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = tfds.features.FeaturesDict({
+        'frames': tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+        'fbank': tfds.features.Tensor(shape=(audio_lib.NUM_FRAMES, audio_lib.NUM_MEL_BINS), dtype=np.float32),
+        'label': tfds.features.ClassLabel(names=list(self.CLASS_NAMES)),
+        'id': tfds.features.Text(),
+        'has_audio': tfds.features.Tensor(shape=(), dtype=np.bool_),
+        'num_frames': tfds.features.Tensor(shape=(), dtype=np.int32),
+    })
+    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=features,
+                                 homepage=self.HOMEPAGE or None, citation=self.CITATION or None,
+                                 metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    manual_dir = Path(dl_manager.manual_dir)
+    fold = self.builder_config.fold
+    # Every split's list is read (and checked) before the first record is written.
+    clips = {split: self.list_clips(manual_dir, fold, split) for split in SPLITS}
+    wav_cache = Path(dl_manager.download_dir) / f'{self.name}_wav'
+    return {f'fold{fold}_{split}': self._generate_examples(clips[split], wav_cache, f'fold{fold}_{split}')
+            for split in SPLITS}
+
+  def _generate_examples(self, clips, wav_cache, split):
+    report = {'clips': len(clips), 'stored': 0, 'excluded': {}, 'silent_audio': {}, 'mixed_frame_sizes': []}
+    for prepared in prepared_clips(clips, Path(wav_cache), self._workers, f'{self.name} {split}'):
+      if prepared.excluded:
+        log.warning('%s %s: clip %s left out: %s', self.name, split, prepared.id, prepared.excluded)
+        report['excluded'][prepared.id] = prepared.excluded
+        continue
+      if prepared.silent:
+        log.info('%s %s: clip %s has no audio (%s); silent fbank', self.name, split, prepared.id,
+                 prepared.audio_note)
+        report['silent_audio'][prepared.id] = prepared.audio_note
+      if prepared.mixed_sizes:
+        report['mixed_frame_sizes'].append(prepared.id)
+      report['stored'] += 1
+      yield prepared.id, prepared.example
+    self.info.metadata[split] = report
+    log.warning('%s %s: %d clips stored, %d left out, %d with silent audio, %d with frames of mixed sizes',
+                self.name, split, report['stored'], len(report['excluded']), len(report['silent_audio']),
+                len(report['mixed_frame_sizes']))
+
+
+def remove_stale_incomplete(builder: tfds.core.DatasetBuilder) -> List[Path]:
+  """Deletes `incomplete.*` folders an interrupted build of this fold left behind (TFDS writes a version under
+  such a name and renames it when complete; a killed build leaves it). Not safe while another build of the same
+  fold runs in this data_dir."""
+  parent = Path(builder.data_dir).parent
+  stale = sorted(parent.glob(f'incomplete.*_{builder.version}')) if parent.is_dir() else []
+  for path in stale:
+    shutil.rmtree(path, ignore_errors=True)
+  return stale
+
+
+def build(builder_cls: Callable[..., FoldBuilder], manual_dir, data_dir, folds: Sequence[int],
+          annotations_dir=None, workers: int = 1) -> Dict[int, Path]:
+  """Builds (or reuses) each fold; returns {fold: version directory}."""
+  built = {}
+  for fold in folds:
+    builder = builder_cls(config=f'fold{fold}', data_dir=str(data_dir), annotations_dir=annotations_dir,
+                          workers=workers)
+    for path in remove_stale_incomplete(builder):
+      log.warning('removed %s, left by an interrupted build', path)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
+        file_format='array_record')
+    built[fold] = Path(builder.data_dir)
+    log.warning('%s fold %d: %s', builder.name, fold, builder.data_dir)
+  return built
+
+
+def parse_folds(text: str) -> List[int]:
+  folds = [int(part) for part in text.split(',') if part.strip()]
+  bad = [k for k in folds if not 1 <= k <= NUM_FOLDS]
+  if bad or not folds:
+    raise ValueError(f'--folds {text!r}: folds are numbered 1..{NUM_FOLDS}, e.g. --folds 1,2')
+  return folds
+
+
+def main(builder_cls, dataset: str, argv=None) -> int:
+  """The build command line shared by `python -m data.dfew.build` and `python -m data.mafw.build`."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog=f'python -m data.{dataset}.build',
+      description=f'Build the {dataset.upper()} folds as ArrayRecord (TFDS) from the manual download. '
+                  f'See data/{dataset}/README.md for the expected --manual_dir layout.')
+  parser.add_argument('--manual_dir', required=True, help=f'the {dataset.upper()} download')
+  parser.add_argument('--data_dir', required=True, help='where to write the dataset (config.data_dir)')
+  parser.add_argument('--folds', default='1,2,3,4,5', help='comma-separated folds to build (default: all 5)')
+  parser.add_argument('--annotations', default=None,
+                      help="a folder of the reference's annotation lists to read the folds from instead of the "
+                           'official split files')
+  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='processes preparing clips')
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
+  try:
+    folds = parse_folds(args.folds)
+    built = build(builder_cls, args.manual_dir, args.data_dir, folds, args.annotations, args.workers)
+  except (AnnotationError, ValueError) as e:
+    print(f'error: {e}')
+    return 2
+  for fold, path in built.items():
+    print(f'fold {fold}: {path}')
+  return 0
+
+
+def resolve_listed(listed: str, frames_root: Optional[Path]) -> Path:
+  """A reference list's clip folder on this machine: `<frames_root>/<its name>` when that exists, else the path
+  as listed when that exists, else `<frames_root>/<its name>` (reported as missing at build time)."""
+  name = clip_name(listed)
+  if frames_root is not None and (frames_root / name).is_dir():
+    return frames_root / name
+  if Path(listed).is_dir():
+    return Path(listed)
+  return (frames_root / name) if frames_root is not None else Path(listed)

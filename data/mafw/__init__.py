@@ -1,0 +1,1 @@
+"""MAFW: the TFDS builder (`mafw.Mafw`) and its command line (`python -m data.mafw.build`)."""

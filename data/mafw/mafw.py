@@ -1,0 +1,88 @@
+"""The MAFW builder (Liu et al., ACM MM 2022): 11 single-expression classes, 5 folds.
+
+Reads the official download plus the face frames and wavs made from it (see README.md in this folder):
+
+  <manual_dir>/data/clips/<id>.mp4                                   original clips
+  <manual_dir>/clips_faces/<id>/0.jpg, 1.jpg, ...                    face frames (data/mafw_crop_faces.py)
+  <manual_dir>/clips_wav/<id>.wav                                    audio (data/extract_audio.py)
+  <manual_dir>/Train & Test Set/single/no_caption/set_<k>/train.txt, test.txt
+
+The face folder may also be `data/clips_faces/` or `data/faces/`, the wav folder `data/clips_wav/`. The split
+files hold one clip a line, `<id>.mp4 <class name>` (e.g. `00025.mp4 anger`); the class names are MAFW's (anger,
+disgust, fear, happiness, neutral, sadness, surprise, contempt, anxiety, helplessness, disappointment, any case)
+and become labels 0..10 in that order (mma_dfer_jax.labels.MAFW_CLASSES). A clip without a wav whose original clip
+is there gets its wav extracted first; one with neither gets the silent fbank, as in the reference.
+
+Alternatively (`annotations_dir`), the reference's lists `MAFW_set_<k>_{train,test}_faces.txt` (or without
+`_faces`; `<frames_dir> <num_frames> <label>`, labels from 0) give the folds; each listed folder is looked up by
+its name under the face folder of manual_dir (or used as listed when it exists on this machine).
+"""
+from pathlib import Path
+from typing import List, Tuple
+
+from data import common
+from mma_dfer_jax import labels
+
+FRAME_ROOTS = ('clips_faces', 'data/clips_faces', 'data/faces')
+WAV_ROOTS = ('clips_wav', 'data/clips_wav')
+VIDEO_ROOTS = ('data/clips', 'clips')
+SPLIT_ROOT = Path('Train & Test Set') / 'single' / 'no_caption'
+CROP_HINT = 'Make the face frames first: python data/mafw_crop_faces.py --src MAFW/data/clips --dst MAFW/clips_faces'
+
+
+def split_file(manual_dir: Path, fold: int, split: str) -> Path:
+  path = manual_dir / SPLIT_ROOT / f'set_{fold}' / f'{split}.txt'
+  if not path.is_file():
+    raise common.AnnotationError(f'MAFW split file {path} not found (expected the official "Train & Test Set" '
+                                 'folder in --manual_dir)')
+  return path
+
+
+def read_split_file(path: Path) -> List[Tuple[str, int]]:
+  """[(clip id, label 0..10)] of an official split file; errors name the file and line."""
+  index = {name: k for k, name in enumerate(labels.MAFW_CLASSES)}
+  entries = []
+  for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
+    if not line.strip():
+      continue
+    fields = line.split()
+    where = f'{path}:{number}'
+    if len(fields) != 2:
+      raise common.AnnotationError(f'{where}: expected "<id>.mp4 <class name>", got {line.strip()!r}')
+    name = fields[1].lower()
+    if name not in index:
+      raise common.AnnotationError(f'{where}: unknown class {fields[1]!r} (MAFW classes: '
+                                   f'{", ".join(labels.MAFW_CLASSES)})')
+    entries.append((fields[0].split('.')[0], index[name]))
+  return entries
+
+
+class Mafw(common.FoldBuilder, skip_registration=True):
+  """MAFW (single-expression set) in 5 folds: `fold<k>_train`, `fold<k>_test`."""
+
+  name = 'mafw'
+  CLASS_NAMES = labels.MAFW_CLASSES
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      'Request MAFW from https://mafw-database.github.io/MAFW/ and unpack it; crop the faces '
+      '(data/mafw_crop_faces.py) and extract the wavs (data/extract_audio.py), then pass the MAFW folder as '
+      '--manual_dir (layout: data/mafw/README.md).')
+  DESCRIPTION = 'MAFW single-expression face clips (JPEG bytes) with the normalised fbank of their audio.'
+  HOMEPAGE = 'https://mafw-database.github.io/MAFW/'
+  CITATION = ('@inproceedings{liu2022mafw, title={MAFW: A Large-scale, Multi-modal, Compound Affective Database '
+              'for Dynamic Facial Expression Recognition in the Wild}, author={Liu, Yuanyuan and others}, '
+              'booktitle={ACM MM}, year={2022}}')
+
+  def list_clips(self, manual_dir: Path, fold: int, split: str) -> List[common.Clip]:
+    frames_root = common.first_existing([manual_dir / p for p in FRAME_ROOTS])
+    wavs = common.index_files([manual_dir / p for p in WAV_ROOTS], ('.wav',))
+    videos = common.index_files([manual_dir / p for p in VIDEO_ROOTS], common.VIDEO_EXTENSIONS)
+    if self._annotations_dir is not None:
+      path = common.annotation_list_path(self._annotations_dir, 'mafw', fold, split)
+      listed = common.read_annotation_list(path, len(self.CLASS_NAMES))
+      folders = [(common.resolve_listed(p, frames_root), label) for p, label in listed]
+    else:
+      if frames_root is None:
+        common.require_dir([manual_dir / p for p in FRAME_ROOTS], 'MAFW face frame folder', CROP_HINT)
+      entries = read_split_file(split_file(manual_dir, fold, split))
+      folders = [(frames_root / clip_id, label) for clip_id, label in entries]
+    return [common.Clip(f.name, label, f, wavs.get(f.name), videos.get(f.name)) for f, label in folders]

@@ -1,0 +1,278 @@
+"""The DFEW and MAFW builders on miniature datasets in their official layouts, read back by the input pipeline."""
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import soundfile
+
+from configs import dfew as dfew_config
+from configs import mafw as mafw_config
+from data import common
+from data.dfew import dfew
+from data.mafw import mafw
+from mma_dfer_jax import audio as audio_lib
+from mma_dfer_jax import input_pipeline
+
+FIXTURE_VIDEO = Path('/work/shared/fixtures/audio/clip_face_speech.mp4')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Miniature datasets.
+
+def write_frames(folder: Path, count: int, seed: int, name=lambda k: f'{k}.jpg'):
+  folder.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for k in range(count):
+    image = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    ok, data = cv2.imencode('.jpg', image)
+    assert ok
+    (folder / name(k)).write_bytes(data.tobytes())
+
+
+def write_tone(path: Path, freq: float, rate: int = 16000, seconds: float = 0.6):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  t = np.arange(int(rate * seconds)) / rate
+  soundfile.write(path, 0.3 * np.sin(2 * np.pi * freq * t).astype(np.float32), rate)
+
+
+def make_dfew(root: Path, video: bool = False) -> Path:
+  """Clips 1..6 train, 7..9 test; 00003 has 10 frames; 00005 has none; 00008 has a corrupt frame; 00009 has no
+  wav (its original clip, when video=True)."""
+  clips = root / 'Clip' / 'clip_224x224'
+  for number in range(1, 10):
+    clip_id = f'{number:05d}'
+    count = {3: 10, 5: 0}.get(number, 20)
+    write_frames(clips / clip_id, count, number, lambda k, c=clip_id: f'{c}_{k + 1:05d}.jpg')
+    if count == 0:
+      (clips / clip_id).mkdir(parents=True, exist_ok=True)
+    if number != 9:
+      write_tone(root / 'Clip' / 'raw_wav' / f'{number}.wav', 200.0 * number)
+  (clips / '00008' / '00008_00004.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
+  if video:
+    (root / 'Clip' / 'original').mkdir(parents=True)
+    shutil.copy(FIXTURE_VIDEO, root / 'Clip' / 'original' / '00009.mp4')
+  splits = root / 'EmoLabel_DataSplit'
+  write_text(splits / 'train(single-labeled)' / 'set_1.csv',
+             'video_name,label\n1,1\n2,2\n3,3\n4,4\n5,5\n6,7\n')
+  write_text(splits / 'test(single-labeled)' / 'set_1.csv', 'video_name,label\n7,1\n8,6\n9,2\n')
+  return root
+
+
+def make_mafw(root: Path) -> Path:
+  """Clips 00001..00006 train, 00007..00009 test; 00002 has 5 frames; 00007 has neither wav nor clip."""
+  for number in range(1, 10):
+    clip_id = f'{number:05d}'
+    write_frames(root / 'clips_faces' / clip_id, 5 if number == 2 else 12, 100 + number)
+    if number != 7:
+      write_tone(root / 'clips_wav' / f'{clip_id}.wav', 150.0 * number)
+  sets = root / 'Train & Test Set' / 'single' / 'no_caption' / 'set_1'
+  write_text(sets / 'train.txt', '00001.mp4 anger\n00002.mp4 disappointment\n00003.mp4 neutral\n'
+                                 '00004.mp4 Contempt\n00005.mp4 fear\n00006.mp4 sadness\n')
+  write_text(sets / 'test.txt', '00007.mp4 happiness\n00008.mp4 anxiety\n00009.mp4 surprise\n')
+  return root
+
+
+def write_text(path: Path, text: str):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+
+
+def tiny_config(module, data_dir):
+  config = module.get_config()
+  config.data_dir = str(data_dir)
+  config.fold = 1
+  config.batch_size, config.eval_batch_size, config.num_epochs = 2, 2, 1
+  config.model.img_size, config.model.num_frames = 32, 16
+  config.input.read_threads, config.input.prefetch = 1, 1
+  return config
+
+
+def eval_ids_and_labels(config):
+  source = input_pipeline.get_source(config, 'test')
+  seen = {}
+  for batch in input_pipeline.create_eval_iterator(config):
+    assert batch['video'].shape == (2, 16, 32, 32, 3) and batch['video'].dtype == np.uint8
+    assert batch['audio'].shape == (2, 512, 128)
+    for index, real, label in zip(batch['index'], batch['mask'], batch['label']):
+      if real:
+        record = source[int(index)]
+        seen[_text(record['id'])] = int(label)
+        assert int(label) == int(record['label'])
+  return seen, len(source)
+
+
+def _text(value):
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@pytest.fixture(scope='module')
+def built_dfew(tmp_path_factory):
+  root = tmp_path_factory.mktemp('dfew')
+  manual = make_dfew(root / 'DFEW', video=FIXTURE_VIDEO.is_file())
+  built = common.build(dfew.Dfew, manual, root / 'out', [1], workers=1)
+  return manual, root / 'out', built[1]
+
+
+@pytest.fixture(scope='module')
+def built_mafw(tmp_path_factory):
+  root = tmp_path_factory.mktemp('mafw')
+  manual = make_mafw(root / 'MAFW')
+  built = common.build(mafw.Mafw, manual, root / 'out', [1], workers=2)
+  return manual, root / 'out', built[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DFEW.
+
+def test_dfew_fold_reads_back_through_the_pipeline(built_dfew):
+  _, out, version_dir = built_dfew
+  assert version_dir == out / 'dfew' / 'fold1' / '1.0.0'
+  config = tiny_config(dfew_config, out)
+  batch = next(input_pipeline.create_train_iterator(config))
+  assert batch['video'].shape == (2, 16, 32, 32, 3) and batch['audio'].shape == (2, 512, 128)
+  assert input_pipeline.steps_per_epoch(config) == 2  # 5 usable train clips // 2
+  seen, size = eval_ids_and_labels(config)
+  assert size == 2 and seen == {'00007': 0, '00009': 1}  # 00008 (a corrupt frame) left out
+
+
+def test_dfew_records_hold_the_files_as_they_are(built_dfew):
+  manual, out, _ = built_dfew
+  source = input_pipeline.get_source(tiny_config(dfew_config, out), 'train')
+  records = {_text(source[i]['id']): source[i] for i in range(len(source))}
+  assert sorted(records) == ['00001', '00002', '00003', '00004', '00006']
+  assert {k: int(r['label']) for k, r in records.items()} == {
+      '00001': 0, '00002': 1, '00003': 2, '00004': 3, '00006': 6}
+  short = records['00003']
+  folder = manual / 'Clip' / 'clip_224x224' / '00003'
+  assert [bytes(b) for b in short['frames']] == [(folder / n).read_bytes() for n in sorted(p.name for p in
+                                                                                          folder.iterdir())]
+  assert int(short['num_frames']) == 10 and bool(short['has_audio'])
+  np.testing.assert_allclose(short['fbank'], audio_lib.load_fbank(manual / 'Clip' / 'raw_wav' / '3.wav'))
+
+
+def test_dfew_bad_clips_are_left_out_counted_and_listed(built_dfew):
+  _, _, version_dir = built_dfew
+  metadata = json.loads((version_dir / 'metadata.json').read_text())
+  train, test = metadata['fold1_train'], metadata['fold1_test']
+  assert train['clips'] == 6 and train['stored'] == 5 and list(train['excluded']) == ['00005']
+  assert 'no image files' in train['excluded']['00005']
+  assert list(test['excluded']) == ['00008'] and '00008_00004.jpg' in test['excluded']['00008']
+
+
+@pytest.mark.skipif(not FIXTURE_VIDEO.is_file(), reason='needs the shared fixture clip')
+def test_dfew_missing_wav_is_extracted_from_the_original_clip(built_dfew):
+  _, out, _ = built_dfew
+  source = input_pipeline.get_source(tiny_config(dfew_config, out), 'test')
+  record = next(source[i] for i in range(len(source)) if _text(source[i]['id']) == '00009')
+  cached = out / 'downloads' / 'dfew_wav' / '00009.wav'
+  assert cached.is_file() and bool(record['has_audio'])
+  np.testing.assert_allclose(record['fbank'], audio_lib.load_fbank(cached))
+
+
+def test_rebuild_reuses_a_complete_fold_and_clears_an_interrupted_one(built_dfew):
+  manual, out, version_dir = built_dfew
+  stamp = {p: p.stat().st_mtime_ns for p in version_dir.iterdir()}
+  stale = version_dir.parent / 'incomplete.ABC123_1.0.0'
+  stale.mkdir()
+  (stale / 'dataset_info.json').write_text('{}')
+  assert common.build(dfew.Dfew, manual, out, [1])[1] == version_dir
+  assert not stale.exists()
+  assert {p: p.stat().st_mtime_ns for p in version_dir.iterdir()} == stamp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MAFW.
+
+def test_mafw_fold_reads_back_and_eval_covers_each_clip_once(built_mafw):
+  _, out, version_dir = built_mafw
+  assert version_dir == out / 'mafw' / 'fold1' / '1.0.0'
+  config = tiny_config(mafw_config, out)
+  batches = list(input_pipeline.create_train_iterator(config))
+  assert len(batches) == 3 and all(b['video'].shape == (2, 16, 32, 32, 3) for b in batches)
+  assert sorted(int(l) for b in batches for l in b['label']) == [0, 2, 4, 5, 7, 10]
+  seen, size = eval_ids_and_labels(config)
+  assert size == 3 and seen == {'00007': 3, '00008': 8, '00009': 6}
+
+
+def test_mafw_clip_without_audio_gets_the_silent_fbank(built_mafw):
+  manual, out, version_dir = built_mafw
+  source = input_pipeline.get_source(tiny_config(mafw_config, out), 'test')
+  records = {_text(source[i]['id']): source[i] for i in range(len(source))}
+  assert not bool(records['00007']['has_audio']) and bool(records['00008']['has_audio'])
+  np.testing.assert_array_equal(records['00007']['fbank'], audio_lib.silent_fbank())
+  metadata = json.loads((version_dir / 'metadata.json').read_text())
+  assert list(metadata['fold1_test']['silent_audio']) == ['00007'] and not metadata['fold1_test']['excluded']
+  # MAFW frames 0.jpg .. 11.jpg in string order: 10.jpg and 11.jpg come right after 1.jpg.
+  folder = manual / 'clips_faces' / '00008'
+  names = ['0.jpg', '1.jpg', '10.jpg', '11.jpg'] + [f'{k}.jpg' for k in range(2, 10)]
+  assert [bytes(b) for b in records['00008']['frames']] == [(folder / n).read_bytes() for n in names]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split files and annotation lists.
+
+def test_bad_split_lines_name_the_file_and_line(tmp_path):
+  csv_path = tmp_path / 'set_1.csv'
+  csv_path.write_text('video_name,label\n1,1\n2,8\n')
+  with pytest.raises(common.AnnotationError, match=r'set_1\.csv:3: label 8 is outside 1\.\.7'):
+    dfew.read_split_csv(csv_path)
+  csv_path.write_text('video_name,label\n1,1\nclip,2\n')
+  with pytest.raises(common.AnnotationError, match=r'set_1\.csv:3'):
+    dfew.read_split_csv(csv_path)
+  txt = tmp_path / 'train.txt'
+  txt.write_text('00001.mp4 anger\n00002.mp4 joy\n')
+  with pytest.raises(common.AnnotationError, match=r"train\.txt:2: unknown class 'joy'"):
+    mafw.read_split_file(txt)
+  txt.write_text('00001.mp4\n')
+  with pytest.raises(common.AnnotationError, match=r'train\.txt:1'):
+    mafw.read_split_file(txt)
+  listed = tmp_path / 'DFEW_set_1_train.txt'
+  listed.write_text('/x/clip_224x224/00001 20 0\n/x/clip_224x224/00002 20 7\n')
+  with pytest.raises(common.AnnotationError, match=r'DFEW_set_1_train\.txt:2: label 7 is outside the 7'):
+    common.read_annotation_list(listed, 7)
+  listed.write_text('/x/clip_224x224/00001 twenty 0\n')
+  with pytest.raises(common.AnnotationError, match=r'DFEW_set_1_train\.txt:1'):
+    common.read_annotation_list(listed, 7)
+
+
+def test_a_bad_split_line_stops_the_build_before_writing(tmp_path):
+  manual = make_mafw(tmp_path / 'MAFW')
+  (manual / 'Train & Test Set' / 'single' / 'no_caption' / 'set_1' / 'test.txt').write_text('00007.mp4 11\n')
+  with pytest.raises(common.AnnotationError, match=r'test\.txt:1'):
+    common.build(mafw.Mafw, manual, tmp_path / 'out', [1])
+  assert not list((tmp_path / 'out').glob('mafw/**/dataset_info.json'))
+  assert common.main(mafw.Mafw, 'mafw', ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'out'),
+                                         '--folds', '1', '--workers', '1']) == 2
+
+
+def test_reference_annotation_lists_map_onto_manual_dir(tmp_path):
+  manual = make_dfew(tmp_path / 'DFEW')
+  lists = tmp_path / 'annotation'
+  far = '/scratch/someone/dfer_datasets/dfew/clip_224x224'
+  write_text(lists / 'DFEW_set_1_train.txt', f'{far}/00001 20 4\n{far}/00002 20 5\n{far}/00006 20 6\n')
+  write_text(lists / 'DFEW_set_1_test.txt', f'{far}/00007 20 1\n')
+  code = common.main(dfew.Dfew, 'dfew', ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'out'),
+                                         '--folds', '1', '--annotations', str(lists), '--workers', '1'])
+  assert code == 0
+  config = tiny_config(dfew_config, tmp_path / 'out')
+  seen, _ = eval_ids_and_labels(config)
+  assert seen == {'00007': 1}
+  source = input_pipeline.get_source(config, 'train')
+  assert sorted((_text(source[i]['id']), int(source[i]['label'])) for i in range(len(source))) == [
+      ('00001', 4), ('00002', 5), ('00006', 6)]
+
+
+def test_folds_built_separately_are_each_found(tmp_path):
+  manual = make_mafw(tmp_path / 'MAFW')
+  sets = manual / 'Train & Test Set' / 'single' / 'no_caption'
+  shutil.copytree(sets / 'set_1', sets / 'set_2')
+  (sets / 'set_2' / 'test.txt').write_text('00009.mp4 surprise\n')
+  common.build(mafw.Mafw, manual, tmp_path / 'out', [2])
+  common.build(mafw.Mafw, manual, tmp_path / 'out', [1])
+  for fold, size in ((1, 3), (2, 1)):
+    config = tiny_config(mafw_config, tmp_path / 'out')
+    config.fold = fold
+    assert len(input_pipeline.get_source(config, 'test')) == size
