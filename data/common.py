@@ -349,10 +349,13 @@ def main(builder_cls, dataset: str, argv=None) -> int:
   parser.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='processes preparing clips')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
+  if not Path(args.manual_dir).is_dir():
+    print(f'error: --manual_dir {args.manual_dir} is not a folder; see data/{dataset}/README.md for its layout')
+    return 2
   try:
     folds = parse_folds(args.folds)
     built = build(builder_cls, args.manual_dir, args.data_dir, folds, args.annotations, args.workers)
-  except (AnnotationError, ValueError) as e:
+  except (AnnotationError, ValueError, AssertionError) as e:  # TFDS asserts on an empty manual_dir
     print(f'error: {e}')
     return 2
   for fold, path in built.items():

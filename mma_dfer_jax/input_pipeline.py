@@ -40,7 +40,8 @@ def _built_dataset_dir(data_dir: Path, name: str, split: str = ''):
   unfinished build (TFDS's `incomplete.*`) are skipped."""
   root = data_dir / name
   candidates = sorted(root.glob('**/dataset_info.json')) if root.is_dir() else []
-  candidates = [c.parent for c in candidates if not any(p.startswith('incomplete.') for p in c.relative_to(root).parts)]
+  candidates = [c.parent for c in candidates
+                if not any(part.startswith('incomplete.') for part in c.relative_to(root).parts)]
   with_split = [c for c in candidates if split and f'"{split}"' in (c / 'dataset_info.json').read_text()]
   return (with_split or candidates or [None])[-1]
 
