@@ -276,3 +276,13 @@ def test_folds_built_separately_are_each_found(tmp_path):
     config = tiny_config(mafw_config, tmp_path / 'out')
     config.fold = fold
     assert len(input_pipeline.get_source(config, 'test')) == size
+
+
+def test_clips_with_frames_of_mixed_sizes_are_stored_and_listed(tmp_path):
+  manual = make_mafw(tmp_path / 'MAFW')
+  write_frames(manual / 'clips_faces' / '00009', 1, 7, lambda k: '3.jpg')  # 24x24, like the rest
+  image = np.zeros((30, 30, 3), np.uint8)
+  (manual / 'clips_faces' / '00009' / '4.jpg').write_bytes(cv2.imencode('.jpg', image)[1].tobytes())
+  version_dir = common.build(mafw.Mafw, manual, tmp_path / 'out', [1])[1]
+  test = json.loads((version_dir / 'metadata.json').read_text())['fold1_test']
+  assert test['mixed_frame_sizes'] == ['00009'] and test['stored'] == 3

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 from data import common
 from mma_dfer_jax import labels
 
-FRAME_ROOTS = ('Clip/clip_224x224', 'clip_224x224')
+FRAME_ROOTS = ('Clip/clip_224x224/clip_224x224', 'Clip/clip_224x224', 'clip_224x224')  # first: a doubly unpacked zip
 WAV_ROOTS = ('Clip/raw_wav', 'raw_wav')
 VIDEO_ROOTS = ('Clip/original', 'original')
 SPLIT_ROOT = 'EmoLabel_DataSplit'
