@@ -1,0 +1,312 @@
+"""Step-time benchmark of the compiled train (or eval) step on synthetic clips; prints one JSON line.
+
+  python -m mma_dfer_jax.bench --config configs/dfew.py [--config.key=value ...] [--mode train|eval]
+      [--steps N] [--warmup N] [--with_input_pipeline]
+
+Parameters are random (`jax.jit(MMADFER(c).init)`), inputs are synthetic clips of the config's shapes (uint8 video,
+float32 fbank), sharded over the config's mesh as in training. `step_time_s` is the median over `--steps` timed
+steps after `--warmup` untimed ones, each blocking on its results. FLOPs:
+
+- `flops_per_step`: XLA's cost analysis of the step. XLA counts a while-loop body once, so when the lockstep
+  layers are scanned (scan_unroll < depth) it is taken from an unrolled lowering of the same step instead
+  (`flops_source` says which); it includes everything XLA computes (elementwise ops, remat recomputation).
+- `flops_analytic_per_step`: model FLOPs, matmuls only (see `analytic_flops`); `mfu` is these over the step time
+  and the device's peak (null where the peak is unknown, e.g. CPU); `hfu` the same with XLA's count.
+"""
+import json
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mma_dfer_jax import sharding
+from mma_dfer_jax import train
+from mma_dfer_jax.models import MMADFER
+from mma_dfer_jax.models import mma_dfer
+
+# Dense peak FLOP/s per device: (bfloat16, float32 as the default matmul precision runs it). GPUs run float32
+# matmuls as TF32 by default; TPUs as single-pass bfloat16. Matched against device_kind, first match wins.
+PEAK_FLOPS = (
+    ('H100 PCIe', 756e12, 378e12),
+    ('H100', 989e12, 494.5e12),    # SXM
+    ('H200', 989e12, 494.5e12),
+    ('TPU v4', 275e12, 275e12),
+    ('TPU v5 lite', 197e12, 197e12),  # v5e
+    ('TPU v5e', 197e12, 197e12),
+    ('TPU v5p', 459e12, 459e12),
+    ('TPU v5', 459e12, 459e12),       # v5p reports 'TPU v5'
+    ('TPU v6 lite', 918e12, 918e12),  # v6e
+    ('TPU v6e', 918e12, 918e12),
+)
+
+
+def peak_flops_per_device(device, dtype: str):
+  """Dense peak of one device for `dtype` compute, or None (CPU and unknown devices)."""
+  if device.platform == 'cpu':
+    return None
+  for kind, bf16, f32 in PEAK_FLOPS:
+    if kind.lower() in device.device_kind.lower():
+      return bf16 if dtype == 'bfloat16' else f32
+  return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Analytic model FLOPs (2 per multiply-add, matmuls and convolutions only).
+
+def _vit_block(tokens, width, mlp_dim):
+  """(weight matmuls, attention matmuls) of one pre-norm ViT block over `tokens` tokens."""
+  dense = 2 * tokens * (3 * width * width + width * width + 2 * width * mlp_dim)
+  attention = 2 * 2 * tokens * tokens * width   # q.k^T and p.v over all heads
+  return dense, attention
+
+
+def analytic_flops(model_config, batch: int, train_mode: bool = True) -> dict:
+  """Model FLOPs of one step on `batch` clips, by part.
+
+  Forward: both ViTs over every token (cls, patches, prompts), their patch embeddings, the fusion adapters on every
+  token, the projection, temporal transformer and classifier. Backward (train): the frozen encoders need no weight
+  gradients, so their weight matmuls cost the forward again (input gradients only); attention score/value matmuls
+  and every trainable matmul cost twice the forward (both operands' gradients); the patch embeddings none (their
+  input is the clip). Rematerialisation is not counted (model FLOPs, not hardware FLOPs).
+  """
+  c = model_config
+  p, d, k = c.patch_size, c.width, mma_dfer.num_prompts(c)
+  gv, ga = mma_dfer.vision_grid(c), mma_dfer.audio_grid(c)
+  lv, la = 1 + gv[0] * gv[1] + k, 1 + ga[0] * ga[1] + k
+  t = c.num_frames
+  vd, va = _vit_block(lv, d, c.mlp_dim)
+  ad, aa = _vit_block(la, d, c.mlp_dim)
+  frozen_dense = c.depth * (t * vd + ad)
+  frozen_attention = c.depth * (t * va + aa)
+  embed = 2 * (t * gv[0] * gv[1] * p * p * 3 + ga[0] * ga[1] * p * p) * d
+  adapters = c.depth * (t * lv + la) * 2 * (2 * d * c.fusion_width)
+  tw, inner, lt = c.temporal_width, c.temporal_heads * c.temporal_head_dim, t + 1
+  temporal = (2 * t * d * tw
+              + c.temporal_layers * (2 * lt * tw * 3 * inner + 2 * lt * inner * tw + 4 * lt * lt * inner
+                                     + 2 * 2 * lt * tw * c.temporal_mlp_dim)
+              + 2 * tw * c.num_classes)
+  forward = frozen_dense + frozen_attention + embed + adapters + temporal
+  backward = frozen_dense + 2 * (frozen_attention + adapters + temporal) if train_mode else 0
+  return {'forward_per_clip': float(forward), 'backward_per_clip': float(backward),
+          'per_step': float(batch * (forward + backward)),
+          'encoder_blocks_forward_per_clip': float(frozen_dense + frozen_attention)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark.
+
+def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
+  c = config.model
+  rng = np.random.default_rng(seed)
+  return {'video': rng.integers(0, 256, (batch_size, c.num_frames, c.img_size, c.img_size, 3), dtype=np.uint8),
+          'audio': rng.standard_normal((batch_size, c.audio_frames, c.audio_mels), dtype=np.float32),
+          'label': rng.integers(0, c.num_classes, (batch_size,)).astype(np.int32)}
+
+
+def _xla_flops(cost):
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def _step_fn(mode):
+  if mode == 'train':
+    return train._train_step  # pylint: disable=protected-access
+  return lambda state, batch, rng: train._eval_logits(state, batch)  # pylint: disable=protected-access
+
+
+def _jit(mode, state, mesh):
+  state_sh = sharding.state_sharding(state, mesh)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  if mode == 'train':
+    # As in training: the state is donated and updated in place.
+    return jax.jit(_step_fn(mode), in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+                   donate_argnums=0)
+  return jax.jit(_step_fn(mode), in_shardings=(state_sh, batch_sh, repl), out_shardings=repl)
+
+
+def _unrolled_flops(config, mode, state, batch, rng, mesh):
+  """XLA's count for the step with the layer scan fully unrolled (XLA counts a loop body only once)."""
+  unrolled = ml_collections.ConfigDict(config.to_dict())
+  unrolled.model.scan_unroll = unrolled.model.depth
+  abstract = jax.eval_shape(lambda: state)
+  abstract = abstract.replace(model=MMADFER(ml_collections.FrozenConfigDict(unrolled.model)))
+  return _xla_flops(_jit(mode, abstract, mesh).lower(abstract, batch, rng).cost_analysis())
+
+
+def _memory(compiled, devices):
+  """(peak bytes, source, details): the device allocator's peak where it has one, else XLA's memory analysis."""
+  details = {'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001  (not every backend implements it)
+    analysis = None
+  if analysis is not None:
+    compiled_bytes = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                      - analysis.alias_size_in_bytes)
+    details.update(compiled_temp_bytes=int(analysis.temp_size_in_bytes),
+                   compiled_argument_bytes=int(analysis.argument_size_in_bytes),
+                   compiled_output_bytes=int(analysis.output_size_in_bytes),
+                   compiled_alias_bytes=int(analysis.alias_size_in_bytes),
+                   compiled_total_bytes=int(compiled_bytes))
+  stats = devices[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device_memory_stats', details
+  if analysis is not None:
+    return int(compiled_bytes), 'xla_memory_analysis(temp+argument+output-alias)', details
+  return details['max_rss_bytes'], 'process_max_rss', details
+
+
+def _time_steps(step, state, batches, rngs, steps, warmup):
+  """Median seconds per step; `batches` is a callable giving the next global batch (timed with the step)."""
+  times, waits = [], []
+  for i in range(warmup + steps):
+    started = time.perf_counter()
+    batch = batches()
+    fetched = time.perf_counter()
+    out = step(state, batch, rngs[i % len(rngs)])
+    if isinstance(out, tuple):
+      state = out[0]
+    jax.block_until_ready(out)
+    if i >= warmup:
+      times.append(time.perf_counter() - started)
+      waits.append(fetched - started)
+  return state, float(np.median(times)), float(np.median(waits)), times
+
+
+def _input_pipeline_run(config, step, state, rngs, steps, warmup, mesh, synthetic_step_time):
+  """Steps fed from `input_pipeline.create_train_iterator`; says whether the pipeline keeps up."""
+  try:
+    from mma_dfer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    iterator = input_pipeline.create_train_iterator(config, jax.process_index(), jax.process_count())
+    first = next(iterator)
+  except Exception as e:  # noqa: BLE001  (no pipeline, no dataset: a message, not a crash)
+    return state, {'error': f'{type(e).__name__}: {e}'.splitlines()[0]}
+
+  keys = ('video', 'audio', 'label')
+  expected = synthetic_batch(config, config.batch_size // jax.process_count())
+  for k in keys:
+    if np.shape(first[k]) != expected[k].shape:
+      return state, {'error': f'the pipeline gives {k} of shape {np.shape(first[k])}, the model takes '
+                              f'{expected[k].shape}'}
+  batches = lambda: sharding.global_batch({k: next(iterator)[k] for k in keys}, mesh)
+  state, median, wait, _ = _time_steps(step, state, batches, rngs, steps, warmup)
+  return state, {'step_time_s': median, 'samples_per_s': config.batch_size / median, 'median_wait_s': wait,
+                 'keeps_up': bool(median <= 1.05 * synthetic_step_time), 'dataset': config.dataset,
+                 'read_threads': config.input.read_threads, 'worker_count': config.input.worker_count}
+
+
+def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
+                  with_input_pipeline: bool = False) -> dict:
+  """Compile and time the step; returns the JSON record."""
+  if mode not in ('train', 'eval'):
+    raise ValueError(f'mode={mode!r}: use train or eval')
+  c = config.model
+  mesh = sharding.make_mesh(config)
+  batch_size = config.batch_size if mode == 'train' else config.get('eval_batch_size', config.batch_size)
+  sharding.check_batch_size(batch_size, mesh)
+
+  # Random parameters (not timed).
+  model = MMADFER(ml_collections.FrozenConfigDict(c))
+  video = jnp.zeros((1, c.num_frames, c.img_size, c.img_size, 3), jnp.float32)
+  audio = jnp.zeros((1, c.audio_frames, c.audio_mels), jnp.float32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), video, audio)['params']
+  state = train.create_train_state(config, params)
+  del params
+  state = jax.device_put(state, sharding.state_sharding(state, mesh))
+  local = batch_size // jax.process_count()
+  batch = sharding.global_batch(synthetic_batch(config, local, seed=jax.process_index()), mesh)
+  rngs = list(jax.random.split(jax.random.PRNGKey(config.seed + 1), 8))
+  rng = rngs[0]
+
+  jitted = _jit(mode, state, mesh)
+  started = time.perf_counter()
+  lowered = jitted.lower(state, batch, rng)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - started
+
+  flops = _xla_flops(compiled.cost_analysis())
+  flops_source = 'compiled'
+  if c.scan_unroll < c.depth:
+    flops, flops_source = _unrolled_flops(config, mode, state, batch, rng, mesh), 'lowered_unrolled'
+  analytic = analytic_flops(c, batch_size, train_mode=mode == 'train')
+
+  state, step_time, _, times = _time_steps(compiled, state, lambda: batch, rngs, steps, warmup)
+  devices = mesh.devices.flatten().tolist()
+  peak_mem, mem_source, mem_details = _memory(compiled, devices)
+  peak = peak_flops_per_device(devices[0], c.dtype)
+  per_s = lambda f: f / step_time if f else None
+  utilisation = lambda f: f / step_time / (peak * len(devices)) if (f and peak) else None
+
+  record = {
+      'mode': mode,
+      'step_time_s': step_time,
+      'samples_per_s': batch_size / step_time,
+      'compile_s': compile_s,
+      'lower_s': lowered_at - started,
+      'flops_per_step': flops,
+      'flops_source': flops_source,
+      'flops_analytic_per_step': analytic['per_step'],
+      'flops_analytic_forward_per_clip': analytic['forward_per_clip'],
+      'achieved_flops_per_s': per_s(analytic['per_step']),
+      'mfu': utilisation(analytic['per_step']),
+      'hfu': utilisation(flops),
+      'peak_flops_per_device': peak,
+      'peak_memory_bytes': peak_mem,
+      'memory_source': mem_source,
+      'memory': mem_details,
+      'device': {'device_kind': devices[0].device_kind, 'platform': devices[0].platform, 'count': len(devices),
+                 'process_count': jax.process_count()},
+      'batch': batch_size,
+      'dtype': c.dtype,
+      'model': {k: c[k] for k in ('img_size', 'num_frames', 'width', 'depth', 'num_heads', 'mlp_dim',
+                                  'temporal_layers', 'remat', 'remat_policy', 'scan_unroll', 'attention_impl')},
+      'steps': steps,
+      'warmup': warmup,
+      'step_times_s': times,
+      'jax_version': jax.__version__,
+  }
+  if with_input_pipeline and mode == 'train':
+    state, record['input_pipeline'] = _input_pipeline_run(config, compiled, state, rngs, steps, warmup, mesh,
+                                                          step_time)
+  elif with_input_pipeline:
+    record['input_pipeline'] = {'error': '--with_input_pipeline times the train step only'}
+  return record
+
+
+def main(argv=None) -> int:
+  """Parses `argv` (sys.argv by default) with fresh flag values, so tests can call it in-process."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv if argv is None else argv)
+  fv = flags.FlagValues()
+  # The --config.key overrides are found in `sys_argv` when the flag is defined.
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/dfew.py.', flag_values=fv,
+                                  sys_argv=argv)
+  flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Which step to time.', flag_values=fv)
+  flags.DEFINE_integer('steps', 5, 'Timed steps (the median is reported).', flag_values=fv)
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.', flag_values=fv)
+  flags.DEFINE_bool('with_input_pipeline', False, 'Also time steps fed by the input pipeline.', flag_values=fv)
+  try:
+    fv(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if fv.config is None:
+    print('error: --config is required, e.g. --config configs/dfew.py', file=sys.stderr)
+    return 2
+  record = run_benchmark(fv.config, fv.mode, fv.steps, fv.warmup, fv.with_input_pipeline)
+  if 'error' in record.get('input_pipeline', {}):
+    print(f'input pipeline not timed: {record["input_pipeline"]["error"]}', file=sys.stderr)
+  print(json.dumps(record), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, '.')  # configs/ import `configs.common` when run from the repository root
+  sys.exit(main())
