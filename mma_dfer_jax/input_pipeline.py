@@ -5,10 +5,15 @@ Order and randomness are functions of the seed alone: the clip order of epoch e 
 [g*B, (g+1)*B) of that order; process p of P reads only its contiguous slice of every global batch. So the global
 batches are the same for any number of processes, devices, threads or workers, and the iterator's state is just a
 position (checkpointable, resumes exactly). Only the sampled frames of a clip are decoded.
+
+Frames of one clip may differ in size (MAFW face crops are cut per frame): as the reference does, training draws
+the crop from the first sampled frame's size and cuts every frame at that box (zero fill outside a smaller frame,
+like PIL's `crop`), and test time resizes each frame on its own.
 """
 import functools
 from pathlib import Path
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -18,6 +23,7 @@ from mma_dfer_jax import synthetic
 from mma_dfer_jax.frames import frame_indices  # noqa: F401  (contract: input_pipeline.frame_indices)
 
 DATASETS = ('dfew', 'mafw', 'synthetic')
+SPLITS = ('train', 'test')
 FRAMES_KEYS = ('frames', 'images')
 
 
@@ -29,7 +35,7 @@ class DatasetError(ValueError):
 # Sources.
 
 def _split_name(config, train: bool) -> str:
-  if not 1 <= config.fold <= 5:
+  if not isinstance(config.fold, int) or not 1 <= config.fold <= 5:
     raise DatasetError(f'config.fold={config.fold}: folds are numbered 1..5')
   return f'fold{config.fold}_{"train" if train else "test"}'
 
@@ -39,17 +45,27 @@ def _built_dataset_dir(data_dir: Path, name: str, split: str = ''):
   that has `split` (the builders write one config per fold: <name>/fold<k>/<version>/). Folders of an
   unfinished build (TFDS's `incomplete.*`) are skipped."""
   root = data_dir / name
-  candidates = sorted(root.glob('**/dataset_info.json')) if root.is_dir() else []
-  candidates = [c.parent for c in candidates
-                if not any(part.startswith('incomplete.') for part in c.relative_to(root).parts)]
+  candidates = root.glob('**/dataset_info.json') if root.is_dir() else []
+  candidates = sorted((c.parent for c in candidates
+                       if not any(part.startswith('incomplete.') for part in c.relative_to(root).parts)),
+                      key=_version_key)
   with_split = [c for c in candidates if split and f'"{split}"' in (c / 'dataset_info.json').read_text()]
   return (with_split or candidates or [None])[-1]
+
+
+def _version_key(version_dir: Path):
+  """Sorts TFDS version folders numerically (1.10.0 after 1.9.0), then by path."""
+  parts = version_dir.name.split('.')
+  numeric = tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else ()
+  return numeric, str(version_dir)
 
 
 def get_source(config, split: str):
   """A random-access source of records for `split` ('train' or 'test') of config.dataset / config.fold."""
   if config.dataset not in DATASETS:
     raise DatasetError(f'config.dataset={config.dataset!r}: unknown dataset; use one of {", ".join(DATASETS)}')
+  if split not in SPLITS:
+    raise DatasetError(f'split={split!r}: use one of {", ".join(SPLITS)} (the fold comes from config.fold)')
   train = split == 'train'
   name = _split_name(config, train)
   if config.dataset == 'synthetic':
@@ -84,17 +100,54 @@ def _fbank(record, audio_frames):
   return audio_lib.pad_or_cut(fbank, audio_frames) if fbank.shape[0] != audio_frames else fbank
 
 
+def decode_picked(encoded, picked) -> list:
+  """The frames at indices `picked` as (H, W, 3) uint8 arrays, each distinct frame decoded once (short clips
+  repeat their last index)."""
+  decoded = {}
+  for i in picked:
+    if i not in decoded:
+      decoded[i] = frames_lib.decode_frame(encoded[i])
+  return [decoded[i] for i in picked]
+
+
+def _fit_to(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+  """frame cut or zero-filled at the bottom and right to height x width, so that a box inside height x width cuts
+  the same pixels as PIL's `crop` of the original frame (black outside the image)."""
+  if frame.shape[:2] == (height, width):
+    return frame
+  fitted = np.zeros((height, width, 3), np.uint8)
+  h, w = min(height, frame.shape[0]), min(width, frame.shape[1])
+  fitted[:h, :w] = frame[:h, :w]
+  return fitted
+
+
+def stack_for_crop(frames: list) -> np.ndarray:
+  """(T, H, W, 3) with the first frame's H x W: the reference draws the clip's crop box from the first frame's
+  size and cuts every frame at it. (Its rare fallback, shorter side resized then a random crop, resizes each frame
+  on its own; here the fitted frames are resized alike.)"""
+  height, width = frames[0].shape[:2]
+  return np.stack([_fit_to(frame, height, width) for frame in frames])
+
+
+def resize_each(frames: list, img_size: int) -> np.ndarray:
+  """Test-time resize to img_size x img_size; frames of different sizes are each resized on their own."""
+  if len({frame.shape for frame in frames}) == 1:
+    return frames_lib.resize_frames(np.stack(frames), img_size)
+  return np.concatenate([frames_lib.resize_frames(frame[None], img_size) for frame in frames])
+
+
 def train_example(record, rng: np.random.Generator, config) -> dict:
   """The reference's training sample: a random frame per segment, one augmentation for the whole clip."""
   c = config.model
   encoded = _record_frames(record)
   picked = frames_lib.frame_indices(len(encoded), True, rng, c.num_frames)
-  video = frames_lib.decode_frames([encoded[i] for i in picked])
+  frames = decode_picked(encoded, picked)
   if config.input.augment:
+    video = stack_for_crop(frames)
     params = frames_lib.sample_augmentation(rng, video.shape[1], video.shape[2])
     video = frames_lib.apply_augmentation(video, params, c.img_size)
   else:
-    video = frames_lib.resize_frames(video, c.img_size)
+    video = resize_each(frames, c.img_size)
   return {'video': video, 'audio': _fbank(record, c.audio_frames), 'label': np.int32(record['label'])}
 
 
@@ -103,7 +156,7 @@ def test_example(record, config) -> dict:
   c = config.model
   encoded = _record_frames(record)
   picked = frames_lib.frame_indices(len(encoded), False, None, c.num_frames)
-  video = frames_lib.resize_frames(frames_lib.decode_frames([encoded[i] for i in picked]), c.img_size)
+  video = resize_each(decode_picked(encoded, picked), c.img_size)
   return {'video': video, 'audio': _fbank(record, c.audio_frames), 'label': np.int32(record['label'])}
 
 
@@ -141,6 +194,9 @@ def num_eval_examples(config) -> int:
 
 def _finish(dataset, config, local_batch):
   """Threads (or worker processes) and prefetch (config.input.prefetch batches ahead) from config.input."""
+  if config.input.worker_count > 0 and not flags.FLAGS.is_parsed():
+    # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) take their defaults.
+    flags.FLAGS.mark_as_parsed()
   options = grain.ReadOptions(num_threads=max(1, config.input.read_threads),
                               prefetch_buffer_size=max(1, config.input.prefetch) * local_batch)
   dataset = dataset.to_iter_dataset(options)
