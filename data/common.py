@@ -17,12 +17,14 @@ without audio gets the silent fbank. Both are counted, logged and listed in the 
 range is an error naming the file and line (AnnotationError), raised before anything is written.
 """
 import dataclasses
+import hashlib
 import inspect
 import logging
 import multiprocessing
 import os
 import re
 import shutil
+import types
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -136,7 +138,7 @@ class Prepared:
   excluded: str = ''          # why the clip was left out ('' when it was not)
   silent: bool = False        # stored with the silent fbank
   audio_note: str = ''        # why it has no audio
-  mixed_sizes: bool = False   # its frames differ in size (stored; the pipeline's decode_frames refuses such clips)
+  mixed_sizes: bool = False   # its frames differ in size (stored and listed; the pipeline handles it as the reference)
 
 
 def read_frames(clip: Clip) -> Tuple[List[bytes], str, bool]:
@@ -175,32 +177,64 @@ def wav_for(clip: Clip, wav_cache: Path) -> Tuple[Optional[Path], str]:
     return None, str(e)
 
 
-def fbank_for(clip: Clip, wav_cache: Path) -> Tuple[np.ndarray, str]:
+def _cached_fbank(wav: Path, cache: Path) -> np.ndarray:
+  """load_fbank(wav), kept in cache under the wav's path, size and time, so that the other folds (and a re-run
+  after an interruption) do not compute it again."""
+  stat = wav.stat()
+  key = hashlib.sha1(f'{wav.resolve()}|{stat.st_size}|{stat.st_mtime_ns}'.encode()).hexdigest()[:16]
+  path = cache / f'{wav.stem}_{key}.npy'
+  if path.is_file():
+    try:
+      return np.load(path)
+    except (OSError, ValueError):
+      pass  # a damaged cache file is computed again
+  fbank = audio_lib.load_fbank(wav)
+  cache.mkdir(parents=True, exist_ok=True)
+  partial = path.with_suffix(f'.{os.getpid()}.tmp')
+  with open(partial, 'wb') as f:
+    np.save(f, fbank)
+  os.replace(partial, path)  # whole or absent, even when the build is killed
+  return fbank
+
+
+def fbank_for(clip: Clip, wav_cache: Path, fbank_cache: Path) -> Tuple[np.ndarray, str]:
   """(normalised fbank, why it is silent or '')."""
   wav, note = wav_for(clip, wav_cache)
   if wav is None:
     return audio_lib.silent_fbank(), note
   try:
-    return audio_lib.load_fbank(wav), ''
+    return _cached_fbank(wav, fbank_cache), ''
   except audio_lib.AudioError as e:
     return audio_lib.silent_fbank(), str(e)
 
 
-def prepare_clip(job: Tuple[Clip, Path]) -> Prepared:
+@dataclasses.dataclass(frozen=True)
+class Caches:
+  """Where a build keeps what it derives from the download, for the other folds and re-runs (in TFDS's download
+  dir, `<data_dir>/downloads/` by default): wavs extracted from original videos, and computed fbanks."""
+  wav: Path
+  fbank: Path
+
+  @classmethod
+  def under(cls, download_dir, name: str) -> 'Caches':
+    return cls(Path(download_dir) / f'{name}_wav', Path(download_dir) / f'{name}_fbank')
+
+
+def prepare_clip(job: Tuple[Clip, Caches]) -> Prepared:
   """Reads and checks one clip's frames and computes its fbank (runs in a worker process)."""
-  clip, wav_cache = job
+  clip, caches = job
   encoded, problem, mixed = read_frames(clip)
   if problem:
     return Prepared(clip.id, excluded=problem)
-  fbank, audio_note = fbank_for(clip, wav_cache)
+  fbank, audio_note = fbank_for(clip, caches.wav, caches.fbank)
   example = {'frames': encoded, 'fbank': fbank.astype(np.float32), 'label': clip.label, 'id': clip.id,
              'has_audio': not audio_note, 'num_frames': len(encoded)}
   return Prepared(clip.id, example, silent=bool(audio_note), audio_note=audio_note, mixed_sizes=mixed)
 
 
-def prepared_clips(clips: Sequence[Clip], wav_cache: Path, workers: int, desc: str) -> Iterator[Prepared]:
+def prepared_clips(clips: Sequence[Clip], caches: Caches, workers: int, desc: str) -> Iterator[Prepared]:
   """prepare_clip over clips, in a process pool when workers > 1, with a progress bar."""
-  jobs = [(clip, wav_cache) for clip in clips]
+  jobs = [(clip, caches) for clip in clips]
   bar = dict(total=len(jobs), desc=desc, unit='clip', smoothing=0.05)
   if workers <= 1:
     yield from tqdm(map(prepare_clip, jobs), **bar)
@@ -248,6 +282,8 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, annotations_dir=None, workers: int = 1, **kwargs):
     self._annotations_dir = Path(annotations_dir) if annotations_dir else None
     self._workers = workers
+    # ArrayRecord also under `tfds build` without --file_format (its default, TFRecord, needs TensorFlow).
+    kwargs['file_format'] = kwargs.get('file_format') or 'array_record'
     super().__init__(**kwargs)
 
   # To implement.
@@ -272,13 +308,13 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     fold = self.builder_config.fold
     # Every split's list is read (and checked) before the first record is written.
     clips = {split: self.list_clips(manual_dir, fold, split) for split in SPLITS}
-    wav_cache = Path(dl_manager.download_dir) / f'{self.name}_wav'
-    return {f'fold{fold}_{split}': self._generate_examples(clips[split], wav_cache, f'fold{fold}_{split}')
+    caches = Caches.under(dl_manager.download_dir, self.name)
+    return {f'fold{fold}_{split}': self._generate_examples(clips[split], caches, f'fold{fold}_{split}')
             for split in SPLITS}
 
-  def _generate_examples(self, clips, wav_cache, split):
+  def _generate_examples(self, clips, caches, split):
     report = {'clips': len(clips), 'stored': 0, 'excluded': {}, 'silent_audio': {}, 'mixed_frame_sizes': []}
-    for prepared in prepared_clips(clips, Path(wav_cache), self._workers, f'{self.name} {split}'):
+    for prepared in prepared_clips(clips, caches, self._workers, f'{self.name} {split}'):
       if prepared.excluded:
         log.warning('%s %s: clip %s left out: %s', self.name, split, prepared.id, prepared.excluded)
         report['excluded'][prepared.id] = prepared.excluded
@@ -331,6 +367,17 @@ def parse_folds(text: str) -> List[int]:
   if bad or not folds:
     raise ValueError(f'--folds {text!r}: folds are numbered 1..{NUM_FOLDS}, e.g. --folds 1,2')
   return folds
+
+
+def make_callable(module: types.ModuleType, function: Callable) -> None:
+  """Lets `module(...)` call function. A package's `build` function and its `build` command-line module share a
+  name, and importing the module rebinds the package's attribute to it; this keeps `package.build(...)` working."""
+
+  class CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+      return function(*args, **kwargs)
+
+  module.__class__ = CallableModule
 
 
 def main(builder_cls, dataset: str, argv=None) -> int:

@@ -11,8 +11,8 @@ import soundfile
 from configs import dfew as dfew_config
 from configs import mafw as mafw_config
 from data import common
-from data.dfew import dfew
-from data.mafw import mafw
+from data.dfew import dfew_dataset_builder as dfew
+from data.mafw import mafw_dataset_builder as mafw
 from mma_dfer_jax import audio as audio_lib
 from mma_dfer_jax import input_pipeline
 

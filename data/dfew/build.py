@@ -10,7 +10,16 @@ is rebuilt from the start. Wavs extracted from original clips are kept in `<data
 import sys
 
 from data import common
-from data.dfew import dfew
+from data.dfew import build_folds
+from data.dfew import dfew_dataset_builder
+
+
+def main(argv=None) -> int:
+  return common.main(dfew_dataset_builder.Dfew, 'dfew', argv)
+
 
 if __name__ == '__main__':
-  sys.exit(common.main(dfew.Dfew, 'dfew'))
+  sys.exit(main())
+else:
+  # Importing this module rebinds `data.dfew.build` from the function to the module; keep it callable alike.
+  common.make_callable(sys.modules[__name__], build_folds)

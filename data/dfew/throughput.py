@@ -18,7 +18,7 @@ import numpy as np
 
 from configs import dfew as dfew_config
 from data import common
-from data.dfew import dfew
+from data.dfew import dfew_dataset_builder as dfew
 from mma_dfer_jax import input_pipeline
 from mma_dfer_jax import video as video_lib
 

@@ -10,7 +10,16 @@ is rebuilt from the start. Wavs extracted from original clips are kept in `<data
 import sys
 
 from data import common
-from data.mafw import mafw
+from data.mafw import build_folds
+from data.mafw import mafw_dataset_builder
+
+
+def main(argv=None) -> int:
+  return common.main(mafw_dataset_builder.Mafw, 'mafw', argv)
+
 
 if __name__ == '__main__':
-  sys.exit(common.main(mafw.Mafw, 'mafw'))
+  sys.exit(main())
+else:
+  # Importing this module rebinds `data.mafw.build` from the function to the module; keep it callable alike.
+  common.make_callable(sys.modules[__name__], build_folds)

@@ -21,10 +21,15 @@ frame folder of manual_dir (or used as listed when it exists on this machine).
 import csv
 import re
 from pathlib import Path
+import sys
 from typing import Dict, List, Optional, Tuple
 
-from data import common
-from mma_dfer_jax import labels
+try:
+  from data import common
+except ImportError:  # `tfds build data/dfew` imports this file as a top-level module: put the repository on the path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+  from data import common
+from mma_dfer_jax import labels  # pylint: disable=g-import-not-at-top
 
 FRAME_ROOTS = ('Clip/clip_224x224/clip_224x224', 'Clip/clip_224x224', 'clip_224x224')  # first: a doubly unpacked zip
 WAV_ROOTS = ('Clip/raw_wav', 'raw_wav')

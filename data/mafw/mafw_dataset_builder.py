@@ -18,10 +18,15 @@ Alternatively (`annotations_dir`), the reference's lists `MAFW_set_<k>_{train,te
 its name under the face folder of manual_dir (or used as listed when it exists on this machine).
 """
 from pathlib import Path
+import sys
 from typing import List, Tuple
 
-from data import common
-from mma_dfer_jax import labels
+try:
+  from data import common
+except ImportError:  # `tfds build data/mafw` imports this file as a top-level module: put the repository on the path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+  from data import common
+from mma_dfer_jax import labels  # pylint: disable=g-import-not-at-top
 
 FRAME_ROOTS = ('clips_faces', 'data/clips_faces', 'data/faces')
 WAV_ROOTS = ('clips_wav', 'data/clips_wav')
