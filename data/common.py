@@ -15,6 +15,9 @@ Bad input does not stop a build: a clip without frames or with a frame that does
 without audio gets the silent fbank. Both are counted, logged and listed in the dataset's metadata
 (`<version dir>/metadata.json`, `builder.info.metadata`). A malformed annotation line or a label outside the class
 range is an error naming the file and line (AnnotationError), raised before anything is written.
+
+Re-running is safe: a complete fold is reused, an interrupted one is rebuilt, and what was derived from the download
+(wavs extracted from original videos, fbanks) is kept in `<data_dir>/downloads/` for the other folds and re-runs.
 """
 import dataclasses
 import hashlib

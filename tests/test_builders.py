@@ -286,3 +286,53 @@ def test_clips_with_frames_of_mixed_sizes_are_stored_and_listed(tmp_path):
   version_dir = common.build(mafw.Mafw, manual, tmp_path / 'out', [1])[1]
   test = json.loads((version_dir / 'metadata.json').read_text())['fold1_test']
   assert test['mixed_frame_sizes'] == ['00009'] and test['stored'] == 3
+
+
+def test_mixed_size_clips_go_through_the_pipeline(tmp_path):
+  manual = make_mafw(tmp_path / 'MAFW')
+  folder = manual / 'clips_faces' / '00008'  # a test clip: frames 0..11, every other one larger
+  for k in range(0, 12, 2):
+    image = np.full((40, 36, 3), 20 * k, np.uint8)
+    (folder / f'{k}.jpg').write_bytes(cv2.imencode('.jpg', image)[1].tobytes())
+  common.build(mafw.Mafw, manual, tmp_path / 'out', [1])
+  config = tiny_config(mafw_config, tmp_path / 'out')
+  seen, _ = eval_ids_and_labels(config)  # every frame resized on its own
+  assert '00008' in seen
+  config.input.augment = True
+  assert next(input_pipeline.create_train_iterator(config))['video'].shape == (2, 16, 32, 32, 3)
+
+
+def test_package_build_function_and_tfds_build_command(tmp_path):
+  import data.mafw  # pylint: disable=import-outside-toplevel
+  import data.mafw.build  # pylint: disable=import-outside-toplevel,unused-import  (rebinds data.mafw.build)
+  from data import tfds_build  # pylint: disable=import-outside-toplevel
+  manual = make_mafw(tmp_path / 'MAFW')
+  built = data.mafw.build(manual, tmp_path / 'a', folds=[1])
+  assert built == {1: tmp_path / 'a' / 'mafw' / 'fold1' / '1.0.0'}
+  root = Path(__file__).resolve().parents[1]
+  assert tfds_build.main([str(root / 'data' / 'mafw'), '--manual_dir', str(manual), '--data_dir',
+                          str(tmp_path / 'b'), '--config', 'fold1']) == 0
+  files = sorted(p.name for p in (tmp_path / 'b' / 'mafw' / 'fold1' / '1.0.0').iterdir())
+  assert 'mafw-fold1_train.array_record-00000-of-00001' in files and 'metadata.json' in files
+  for data_dir in ('a', 'b'):
+    source = input_pipeline.get_source(tiny_config(mafw_config, tmp_path / data_dir), 'test')
+    assert sorted(_text(source[i]['id']) for i in range(len(source))) == ['00007', '00008', '00009']
+
+
+def test_fbanks_are_cached_for_the_other_folds(tmp_path):
+  manual = make_mafw(tmp_path / 'MAFW')
+  sets = manual / 'Train & Test Set' / 'single' / 'no_caption'
+  shutil.copytree(sets / 'set_1', sets / 'set_2')
+  common.build(mafw.Mafw, manual, tmp_path / 'out', [1])
+  cache = tmp_path / 'out' / 'downloads' / 'mafw_fbank'
+  cached = sorted(cache.glob('00008_*.npy'))
+  assert len(cached) == 1 and len(list(cache.glob('*.npy'))) == 8  # 00007 has no audio
+  np.testing.assert_array_equal(np.load(cached[0]), audio_lib.load_fbank(manual / 'clips_wav' / '00008.wav'))
+  marker = np.full((512, 128), 0.25, np.float32)
+  np.save(cached[0], marker)  # fold 2 must take the cached fbank rather than compute it again
+  common.build(mafw.Mafw, manual, tmp_path / 'out', [2])
+  config = tiny_config(mafw_config, tmp_path / 'out')
+  config.fold = 2
+  source = input_pipeline.get_source(config, 'test')
+  record = next(source[i] for i in range(len(source)) if _text(source[i]['id']) == '00008')
+  np.testing.assert_array_equal(record['fbank'], marker)

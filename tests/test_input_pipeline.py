@@ -106,3 +106,87 @@ def test_missing_dataset_and_bad_fold_are_clear_errors(tmp_path):
 
 def test_frame_indices_is_exported():
   assert input_pipeline.frame_indices(32, train=False).tolist() == [int(1 + 2 * k) for k in range(16)]
+
+
+def solid_jpeg(value, height=24, width=24):
+  import cv2  # pylint: disable=import-outside-toplevel
+  return cv2.imencode('.jpg', np.full((height, width, 3), value, np.uint8))[1].tobytes()
+
+
+def test_short_clips_are_edge_padded():
+  config = tiny_config()
+  record = {'frames': [solid_jpeg(40 * k) for k in range(5)], 'fbank': np.zeros((512, 128), np.float32),
+            'label': 2, 'id': 'short', 'has_audio': True}
+  video = input_pipeline.test_example(record, config)['video']
+  means = video.reshape(16, -1).mean(axis=1)
+  np.testing.assert_allclose(means[:5], [0, 40, 80, 120, 160], atol=2)
+  np.testing.assert_array_equal(video[5:], np.broadcast_to(video[4], (11,) + video.shape[1:]))
+  train = input_pipeline.train_example(record, np.random.default_rng(0), config)['video']
+  assert train.shape == (16, 32, 32, 3)
+  bright = train.reshape(16, -1).mean(axis=1)
+  assert np.all(np.diff(bright[:5]) > 0) and np.ptp(bright[4:]) == 0  # frames 0..4 in order, then the last
+
+
+def test_frames_of_different_sizes_are_cut_like_pil_crops():
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  frames = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((30, 40, 3), (24, 50, 3), (36, 32, 3))]
+  stacked = input_pipeline.stack_for_crop(frames)
+  assert stacked.shape == (3, 30, 40, 3)
+  x, y, w, h = 5, 8, 33, 22  # a box inside the first frame, outside the others in places
+  for frame, fitted in zip(frames, stacked):
+    expected = np.asarray(Image.fromarray(frame).crop((x, y, x + w, y + h)))
+    np.testing.assert_array_equal(fitted[y:y + h, x:x + w], expected)
+  resized = input_pipeline.resize_each(frames, 16)
+  assert resized.shape == (3, 16, 16, 3)
+  np.testing.assert_array_equal(resized[1], np.asarray(Image.fromarray(frames[1]).resize((16, 16), Image.BILINEAR)))
+
+
+def test_batches_do_not_depend_on_threads_and_do_depend_on_the_seed():
+  config = tiny_config()
+  config.input.read_threads = 1
+  one = take(input_pipeline.create_train_iterator(config), 3)
+  config.input.read_threads, config.input.prefetch = 3, 4
+  three = take(input_pipeline.create_train_iterator(config), 3)
+  for a, b in zip(one, three):
+    for key in ('video', 'audio', 'label'):
+      np.testing.assert_array_equal(a[key], b[key])
+  config.seed = 2
+  other = take(input_pipeline.create_train_iterator(config), 3)
+  assert not all(np.array_equal(a['video'], b['video']) for a, b in zip(one, other))
+
+
+def test_resume_across_an_epoch_boundary_with_two_processes():
+  config = tiny_config()
+  for process in (0, 1):
+    iterator = input_pipeline.create_train_iterator(config, process, 2)
+    take(iterator, 2)  # the whole first epoch (2 steps)
+    state = iterator.get_state()
+    expected = take(iterator, 2)
+    resumed = input_pipeline.create_train_iterator(config, process, 2)
+    resumed.set_state(state)
+    for a, b in zip(expected, take(resumed, 2)):
+      np.testing.assert_array_equal(a['video'], b['video'])
+    with pytest.raises(StopIteration):
+      next(resumed)
+
+
+def test_unknown_dataset_and_split_are_clear_errors():
+  config = tiny_config()
+  with pytest.raises(ValueError, match='validation'):
+    input_pipeline.get_source(config, 'validation')
+  config.dataset = 'affwild'
+  with pytest.raises(ValueError, match="'affwild'.*dfew, mafw, synthetic"):
+    input_pipeline.get_source(config, 'train')
+
+
+def _worker_batches(worker_count):
+  config = tiny_config()
+  config.input.worker_count = worker_count
+  return take(input_pipeline.create_train_iterator(config), 2)
+
+
+def test_worker_processes_give_the_same_batches():
+  for a, b in zip(_worker_batches(0), _worker_batches(1)):
+    np.testing.assert_array_equal(a['video'], b['video'])
+    np.testing.assert_array_equal(a['label'], b['label'])
