@@ -3,8 +3,8 @@
   taskset -c 0 python -m data.dfew.throughput --work /tmp/bench_dfew --read_threads 1
   taskset -c 0,1 python -m data.dfew.throughput --work /tmp/bench_dfew --read_threads 2
 
-Makes (once) `<work>/DFEW` in the official layout: `--clips` clips of `--frames` frames, each frame a 224x224
-centre crop of a video's frames (default: the shared face-and-speech fixture) saved as JPEG quality 95, the clip's
+Makes (once per frame size) `<work>/DFEW` in the official layout: `--clips` clips of `--frames` frames, each frame
+a `--frame_size` (default 224, DFEW's clip_224x224) square centre crop of a video's frames (default: the shared face-and-speech fixture) saved as JPEG quality 95, the clip's
 wav taken from the same video; builds fold 1 with the DFEW builder; then runs
 `input_pipeline.measure_throughput` at 224 px, 16 frames, augmentation on, and prints frames/s.
 """
@@ -25,18 +25,18 @@ from mma_dfer_jax import video as video_lib
 DEFAULT_VIDEO = '/work/shared/fixtures/audio/clip_face_speech.mp4'
 
 
-def _square_224(frame: np.ndarray) -> np.ndarray:
+def _square(frame: np.ndarray, size: int) -> np.ndarray:
   h, w = frame.shape[:2]
   side = min(h, w)
   top, left = (h - side) // 2, (w - side) // 2
-  return cv2.resize(frame[top:top + side, left:left + side], (224, 224), interpolation=cv2.INTER_AREA)
+  return cv2.resize(frame[top:top + side, left:left + side], (size, size), interpolation=cv2.INTER_AREA)
 
 
-def make_manual_dir(root: Path, video: str, clips: int, frames: int) -> Path:
+def make_manual_dir(root: Path, video: str, clips: int, frames: int, frame_size: int = 224) -> Path:
   """A DFEW download of `clips` clips cut from `video` (clip k starts k frames later, wrapping around)."""
   if (root / 'EmoLabel_DataSplit').is_dir():
     return root
-  source = [_square_224(f) for f in video_lib.iter_frames(video)]
+  source = [_square(f, frame_size) for f in video_lib.iter_frames(video)]
   wav = root / 'Clip' / 'raw_wav'
   wav.mkdir(parents=True)
   video_lib.extract_wav(video, wav / 'template.wav')
@@ -64,13 +64,14 @@ def main(argv=None):
   parser.add_argument('--video', default=DEFAULT_VIDEO)
   parser.add_argument('--clips', type=int, default=40)
   parser.add_argument('--frames', type=int, default=40)
+  parser.add_argument('--frame_size', type=int, default=224, help='stored frames are this many pixels square')
   parser.add_argument('--read_threads', type=int, default=1)
   parser.add_argument('--seconds', type=float, default=10.0)
   parser.add_argument('--batch_size', type=int, default=8)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.ERROR)
-  work = Path(args.work)
-  manual = make_manual_dir(work / 'DFEW', args.video, args.clips, args.frames)
+  work = Path(args.work) / f'{args.frame_size}px'
+  manual = make_manual_dir(work / 'DFEW', args.video, args.clips, args.frames, args.frame_size)
   common.build(dfew.Dfew, manual, work / 'out', [1], workers=1)
   config = dfew_config.get_config()
   config.data_dir, config.fold = str(work / 'out'), 1
@@ -78,6 +79,8 @@ def main(argv=None):
   config.model.img_size, config.model.num_frames = 224, 16
   config.input.augment, config.input.read_threads, config.input.worker_count = True, args.read_threads, 0
   result = input_pipeline.measure_throughput(config, seconds=args.seconds)
+  jpegs = list((manual / 'Clip' / 'clip_224x224').glob('*/*.jpg'))
+  result.update(stored_frame_px=args.frame_size, mean_jpeg_kb=sum(p.stat().st_size for p in jpegs) / len(jpegs) / 1e3)
   print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))
 
 
