@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.augment = True
   c.input.synthetic_train_size = 256  # clips of the synthetic dataset (dataset='synthetic')
   c.input.synthetic_test_size = 64
+  c.input.synthetic_frame_size = 48   # frames of synthetic clips are this many pixels square
+  c.input.synthetic_colour_jitter = 0.0   # harder synthetic set: face hue spread toward the next class's (0..1)
+  c.input.synthetic_silent_fraction = 0.0  # harder synthetic set: this fraction of clips without audio
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1               # devices on the 'data' axis (-1: all)

@@ -70,8 +70,12 @@ def get_source(config, split: str):
   name = _split_name(config, train)
   if config.dataset == 'synthetic':
     size = config.input.get('synthetic_train_size', 256) if train else config.input.get('synthetic_test_size', 64)
+    options = config.input
     return synthetic.SyntheticSource(config.seed + 1000 * config.fold, 'train' if train else 'test', size,
-                                     config.model.num_classes, config.model.audio_frames)
+                                     config.model.num_classes, config.model.audio_frames,
+                                     options.get('synthetic_frame_size', synthetic.FRAME_SIZE),
+                                     options.get('synthetic_colour_jitter', 0.0),
+                                     options.get('synthetic_silent_fraction', 0.0))
   data_dir = Path(config.data_dir)
   built = _built_dataset_dir(data_dir, config.dataset, name)
   if built is None:
@@ -205,7 +209,9 @@ def _finish(dataset, config, local_batch):
   return dataset
 
 
-def train_dataset(config, process_index=0, process_count=1) -> grain.IterDataset:
+def train_dataset(config, process_index=0, process_count=1, epoch=0) -> grain.IterDataset:
+  if not 0 <= epoch <= config.num_epochs:
+    raise DatasetError(f'epoch={epoch}: training has epochs 0..{config.num_epochs - 1} (config.num_epochs)')
   source = get_source(config, 'train')
   num_clips, batch = len(source), config.batch_size
   local = _local_batch_size(batch, process_count, 'batch_size')
@@ -214,19 +220,22 @@ def train_dataset(config, process_index=0, process_count=1) -> grain.IterDataset
 
   def load(local_position):
     position = _global_position(int(local_position), local, batch, process_index)
-    epoch, offset = divmod(position, per_epoch)
-    clip = int(epoch_order(seed, epoch, num_clips)[offset])
-    rng = np.random.default_rng([seed, epoch, clip, 1])
+    clip_epoch, offset = divmod(position, per_epoch)
+    clip = int(epoch_order(seed, clip_epoch, num_clips)[offset])
+    rng = np.random.default_rng([seed, clip_epoch, clip, 1])
     return train_example(source[clip], rng, config)
 
-  positions = grain.MapDataset.range(config.num_epochs * per_epoch // process_count)
+  local_per_epoch = per_epoch // process_count  # whole local batches: per_epoch is a multiple of the global batch
+  positions = grain.MapDataset.range(epoch * local_per_epoch, config.num_epochs * local_per_epoch)
   return _finish(positions.map(load).batch(local, drop_remainder=True), config, local)
 
 
-def create_train_iterator(config, process_index=0, process_count=1):
-  """This process's slice of every global training batch, over all epochs: video uint8 (B/P, T, H, W, 3),
-  audio float32 (B/P, frames, mels), label int32. Checkpointable (`get_state` / `set_state`)."""
-  return iter(train_dataset(config, process_index, process_count))
+def create_train_iterator(config, process_index=0, process_count=1, epoch=0):
+  """This process's slice of every global training batch, from the start of `epoch` to the end of the last epoch:
+  video uint8 (B/P, T, H, W, 3), audio float32 (B/P, frames, mels), label int32. Epoch e is steps_per_epoch batches
+  after the start of epoch e-1. Checkpointable (`get_state` / `set_state`, for iterators made with the same
+  arguments)."""
+  return iter(train_dataset(config, process_index, process_count, epoch))
 
 
 def eval_dataset(config, process_index=0, process_count=1) -> grain.IterDataset:

@@ -1,9 +1,12 @@
 """A synthetic audio-visual expression dataset: deterministic from a seed, learnable, in the builders' record format.
 
 Each class is a face-like drawing with its own colour and motion (the "expression") and its own tone (the "voice").
-Nuisances (background, position, size, speed, clip length, noise, loudness) are drawn per clip, so a model has to
-learn the class cues. Records are what the TFDS builders store: `frames` (JPEG bytes, one per frame), `fbank`
-(512 x 128 normalised), `label`, `id`, `has_audio`. Clips are generated on demand, so there is no build step.
+Nuisances (background, position, size, speed, clip length, noise, loudness, pitch) are drawn per clip, so a model
+has to learn the class cues. Optional, for a harder set: `colour_jitter` (the face's hue drawn within a band of
+that fraction of the distance to the next class's hue) and `silent_fraction` (clips without audio, stored with the
+silent fbank and has_audio=False, like MAFW's clips without a wav); both 0 by default (the demo's setting). Records are what the TFDS builders store: `frames` (JPEG
+bytes, one per frame), `fbank` (512 x 128 normalised), `label`, `id`, `has_audio`. Clips are generated on demand
+(about 10 ms each, cached), so there is no build step.
 """
 import functools
 import math
@@ -18,20 +21,22 @@ SAMPLE_RATE = 16000
 SPLIT_OFFSETS = {'train': 0, 'test': 1_000_003}  # disjoint clip streams per split
 
 
-def _class_hue(label, num_classes):
-  return int(180 * label / max(1, num_classes))
+def _face_colour(label, num_classes, jitter, rng):
+  """RGB of a face of this class: the class's hue, moved up by up to `jitter` of the distance to the next class's
+  hue (one-sided, so the bands stay apart below jitter 1)."""
+  hue = 180 / max(1, num_classes) * (label + (rng.uniform(0, jitter) if jitter else 0.0))
+  hsv = np.uint8([[[int(hue), 200, 230]]])
+  return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
 
 
 def _draw_frame(label, num_classes, t, rng_params, size):
   """One frame: a coloured face whose mouth and position move in a class-specific way."""
-  background, cx, cy, radius, speed, phase = rng_params
+  background, colour, cx, cy, radius, speed, phase = rng_params
   frame = np.empty((size, size, 3), np.uint8)
   frame[:] = background
   angle = 2 * math.pi * label / num_classes
   x = int(cx + 0.18 * size * math.cos(angle) * math.sin(speed * t + phase))
   y = int(cy + 0.18 * size * math.sin(angle) * math.sin(speed * t + phase))
-  hsv = np.uint8([[[_class_hue(label, num_classes), 200, 230]]])
-  colour = tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
   cv2.circle(frame, (x, y), radius, colour, -1)
   eye = max(1, radius // 5)
   cv2.circle(frame, (x - radius // 3, y - radius // 4), eye, (20, 20, 20), -1)
@@ -51,14 +56,19 @@ def _voice(label, num_classes, rng, seconds):
   return wave.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=4096)
-def make_clip(seed: int, split: str, index: int, num_classes: int, audio_frames: int = 512) -> dict:
+@functools.lru_cache(maxsize=2048)
+def make_clip(seed: int, split: str, index: int, num_classes: int, audio_frames: int = 512,
+              frame_size: int = FRAME_SIZE, colour_jitter: float = 0.0, silent_fraction: float = 0.0) -> dict:
   """The record of clip `index` of `split`; the label cycles through the classes so splits are balanced."""
   rng = np.random.default_rng([seed, SPLIT_OFFSETS[split] + index])
+  # The optional nuisances draw from their own stream, so that without them a clip is what it always was.
+  extra_rng = np.random.default_rng([seed, SPLIT_OFFSETS[split] + index, 1])
   label = index % num_classes
-  size = FRAME_SIZE
+  size = frame_size
   num_frames = int(rng.integers(12, 41))  # some clips shorter than 16 frames: edge padding
-  params = (rng.integers(0, 120, 3), size / 2 + rng.uniform(-4, 4), size / 2 + rng.uniform(-4, 4),
+  shift = size / 12
+  params = (rng.integers(0, 120, 3), _face_colour(label, num_classes, colour_jitter, extra_rng),
+            size / 2 + rng.uniform(-shift, shift), size / 2 + rng.uniform(-shift, shift),
             int(rng.uniform(0.22, 0.3) * size), rng.uniform(0.3, 0.6), rng.uniform(0, 2 * math.pi))
   frames = []
   for t in range(num_frames):
@@ -67,17 +77,24 @@ def make_clip(seed: int, split: str, index: int, num_classes: int, audio_frames:
     ok, encoded = cv2.imencode('.jpg', cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
     assert ok
     frames.append(encoded.tobytes())
-  fbank = audio_lib.fbank_from_waveform(_voice(label, num_classes, rng, num_frames / 10), SAMPLE_RATE,
-                                        num_frames=audio_frames)
-  return {'frames': frames, 'fbank': fbank, 'label': label, 'id': f'{split}_{index:05d}', 'has_audio': True}
+  has_audio = bool(extra_rng.random() >= silent_fraction)
+  if has_audio:
+    fbank = audio_lib.fbank_from_waveform(_voice(label, num_classes, rng, num_frames / 10), SAMPLE_RATE,
+                                          num_frames=audio_frames)
+  else:
+    fbank = audio_lib.silent_fbank(audio_frames)
+  return {'frames': frames, 'fbank': fbank, 'label': label, 'id': f'{split}_{index:05d}', 'has_audio': has_audio}
 
 
 class SyntheticSource:
   """A random-access source (len / getitem), like the TFDS data sources of the real datasets."""
 
-  def __init__(self, seed, split, size, num_classes, audio_frames=512):
+  def __init__(self, seed, split, size, num_classes, audio_frames=512, frame_size=FRAME_SIZE, colour_jitter=0.0,
+               silent_fraction=0.0):
+    if split not in SPLIT_OFFSETS:
+      raise ValueError(f'split={split!r}: the synthetic dataset has the splits {", ".join(SPLIT_OFFSETS)}')
     self.seed, self.split, self.size, self.num_classes = seed, split, size, num_classes
-    self.audio_frames = audio_frames
+    self.clip_options = (audio_frames, frame_size, float(colour_jitter), float(silent_fraction))
 
   def __len__(self):
     return self.size
@@ -85,4 +102,4 @@ class SyntheticSource:
   def __getitem__(self, index):
     if not 0 <= index < self.size:
       raise IndexError(index)
-    return make_clip(self.seed, self.split, int(index), self.num_classes, self.audio_frames)
+    return make_clip(self.seed, self.split, int(index), self.num_classes, *self.clip_options)

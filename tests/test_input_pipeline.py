@@ -190,3 +190,38 @@ def test_worker_processes_give_the_same_batches():
   for a, b in zip(_worker_batches(0), _worker_batches(1)):
     np.testing.assert_array_equal(a['video'], b['video'])
     np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_synthetic_options_silent_clips_colour_and_frame_size():
+  from mma_dfer_jax import audio as audio_lib  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import frames as frames_lib  # pylint: disable=import-outside-toplevel
+  plain = synthetic.SyntheticSource(seed=5, split='test', size=60, num_classes=3, frame_size=40)
+  assert all(plain[i]['has_audio'] for i in range(60))
+  harder = synthetic.SyntheticSource(seed=5, split='test', size=60, num_classes=3, frame_size=40,
+                                     colour_jitter=0.4, silent_fraction=0.2)
+  silent = [harder[i] for i in range(60) if not harder[i]['has_audio']]
+  assert 4 <= len(silent) <= 24
+  np.testing.assert_array_equal(silent[0]['fbank'], audio_lib.silent_fbank())
+  assert harder[0]['frames'] != plain[0]['frames'] and harder[0]['label'] == plain[0]['label']
+  assert frames_lib.decode_frame(plain[0]['frames'][0]).shape == (40, 40, 3)
+  assert synthetic.SyntheticSource(seed=6, split='test', size=1, num_classes=3)[0]['frames'] != plain[0]['frames']
+  with pytest.raises(ValueError, match='validation'):
+    synthetic.SyntheticSource(seed=5, split='validation', size=1, num_classes=3)
+  config = tiny_config()
+  config.input.synthetic_silent_fraction, config.input.synthetic_test_size = 0.5, 8
+  source = input_pipeline.get_source(config, 'test')
+  assert 0 < sum(not source[i]['has_audio'] for i in range(8)) < 8
+
+
+def test_starting_at_an_epoch_gives_that_epochs_batches():
+  config = tiny_config(num_epochs=3)
+  everything = list(input_pipeline.create_train_iterator(config))
+  assert len(everything) == 6
+  for process_count in (1, 2):
+    halves = [list(input_pipeline.create_train_iterator(config, p, process_count, epoch=1))
+              for p in range(process_count)]
+    assert len(halves[0]) == 4
+    for whole, *parts in zip(everything[2:], *halves):
+      np.testing.assert_array_equal(whole['video'], np.concatenate([part['video'] for part in parts]))
+  with pytest.raises(ValueError, match='epoch=4'):
+    input_pipeline.create_train_iterator(config, epoch=4)
