@@ -3,10 +3,11 @@
   taskset -c 0 python -m data.dfew.throughput --work /tmp/bench_dfew --read_threads 1
   taskset -c 0,1 python -m data.dfew.throughput --work /tmp/bench_dfew --read_threads 2
 
-Makes (once per frame size) `<work>/DFEW` in the official layout: `--clips` clips of `--frames` frames, each frame
-a `--frame_size` (default 224, DFEW's clip_224x224) square centre crop of a video's frames (default: the shared face-and-speech fixture) saved as JPEG quality 95, the clip's
-wav taken from the same video; builds fold 1 with the DFEW builder; then runs
-`input_pipeline.measure_throughput` at 224 px, 16 frames, augmentation on, and prints frames/s.
+Makes (once per frame size) `<work>/<size>px/DFEW` in the official layout: `--clips` clips of `--frames` frames,
+each frame a `--frame_size` (default 224, DFEW's clip_224x224) square centre crop of a video's frames (default: the
+shared face-and-speech fixture) saved as JPEG quality 95, the clip's wav taken from the same video; builds fold 1
+with the DFEW builder; then runs `input_pipeline.measure_throughput` at 224 px, 16 frames, augmentation on, and
+prints frames/s.
 """
 import argparse
 import json
