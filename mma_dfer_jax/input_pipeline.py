@@ -77,15 +77,17 @@ def get_source(config, split: str):
                                      options.get('synthetic_colour_jitter', 0.0),
                                      options.get('synthetic_silent_fraction', 0.0))
   data_dir = Path(config.data_dir)
+  build_command = (f'python -m data.{config.dataset}.build --manual_dir /path/to/{config.dataset.upper()} '
+                   f'--data_dir {config.data_dir} --folds {config.fold}')
   built = _built_dataset_dir(data_dir, config.dataset, name)
   if built is None:
-    raise DatasetError(
-        f'data_dir={config.data_dir}: no built {config.dataset} dataset there. Build it first: python -m '
-        f'data.{config.dataset}.build --manual_dir /path/to/{config.dataset.upper()} --data_dir {config.data_dir}')
+    raise DatasetError(f'data_dir={config.data_dir}: no built {config.dataset} dataset there. Build it first: '
+                       f'{build_command}')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder_from_directory(str(built))
   if name not in builder.info.splits:
-    raise DatasetError(f'{built}: has no split {name} (has {", ".join(sorted(builder.info.splits))})')
+    raise DatasetError(f'data_dir={config.data_dir}: fold {config.fold} of {config.dataset} is not built (found '
+                       f'{", ".join(sorted(builder.info.splits))} in {built}). Build it: {build_command}')
   return builder.as_data_source(name)
 
 

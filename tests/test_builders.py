@@ -276,6 +276,9 @@ def test_folds_built_separately_are_each_found(tmp_path):
     config = tiny_config(mafw_config, tmp_path / 'out')
     config.fold = fold
     assert len(input_pipeline.get_source(config, 'test')) == size
+  config.fold = 3
+  with pytest.raises(input_pipeline.DatasetError, match=r'fold 3 of mafw is not built.*--folds 3'):
+    input_pipeline.get_source(config, 'train')
 
 
 def test_clips_with_frames_of_mixed_sizes_are_stored_and_listed(tmp_path):
