@@ -308,5 +308,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, '.')  # configs/ import `configs.common` when run from the repository root
+  import os  # pylint: disable=g-import-not-at-top
+  # Config files import `configs.common`: make the repository root (the folder above this package) importable.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   sys.exit(main())
