@@ -27,10 +27,15 @@ def model_config(num_classes: int) -> ml_collections.ConfigDict:
   m.temporal_mlp_dim = 1024
   m.drop_path_rate = 0.1         # stochastic depth in the frozen encoders (train only)
   m.dtype = 'float32'            # encoder compute dtype: 'float32' (CPU) or 'bfloat16' (GPU/TPU)
-  m.remat = False                # rematerialise the lockstep layers in the backward pass
-  m.remat_policy = 'nothing_saveable'
+  # Rematerialisation of the lockstep layers: keep the outputs of the weight matmuls, recompute the rest (norms,
+  # softmax, GELU, the attention score matmul) in the backward pass. Half the memory of keeping everything and, on
+  # CPU, faster (less memory to fault in); BENCHMARKS.md. remat=False keeps every activation.
+  m.remat = True
+  m.remat_policy = 'dots_with_no_batch_dims_saveable'  # any name in jax.checkpoint_policies
+  m.scan_layers = True           # one scanned layer (fast compile); False unrolls the layers (BENCHMARKS.md)
   m.scan_unroll = 1              # unroll factor of the scan over the lockstep layers
-  m.attention_impl = ''          # '' = let JAX choose, 'xla' or 'cudnn' (jax.nn.dot_product_attention)
+  m.attention_impl = ''          # '' = einsum on CPU, jax.nn.dot_product_attention's choice elsewhere; 'einsum',
+                                 # 'xla' or 'cudnn' to force one
   return m
 
 

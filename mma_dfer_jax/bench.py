@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mma_dfer_jax import reference_timing
 from mma_dfer_jax import sharding
 from mma_dfer_jax import train
 from mma_dfer_jax.models import MMADFER
@@ -161,9 +162,15 @@ def _memory(compiled, devices):
   return details['max_rss_bytes'], 'process_max_rss', details
 
 
-def _time_steps(step, state, batches, rngs, steps, warmup):
-  """Median seconds per step; `batches` is a callable giving the next global batch (timed with the step)."""
+def _time_steps(step, state, batches, rngs, steps, warmup, reference=None):
+  """Median seconds per step; `batches` is a callable giving the next global batch (timed with the step).
+
+  With a `reference_timing.ReferenceStepper`, one reference step follows each of ours; its times go to
+  `reference.times`.
+  """
   times, waits = [], []
+  if reference is not None:
+    reference.times = []
   for i in range(warmup + steps):
     started = time.perf_counter()
     batch = batches()
@@ -175,6 +182,10 @@ def _time_steps(step, state, batches, rngs, steps, warmup):
     if i >= warmup:
       times.append(time.perf_counter() - started)
       waits.append(fetched - started)
+    if reference is not None:
+      seconds = reference.step()
+      if i >= warmup:
+        reference.times.append(seconds)
   return state, float(np.median(times)), float(np.median(waits)), times
 
 
@@ -201,8 +212,11 @@ def _input_pipeline_run(config, step, state, rngs, steps, warmup, mesh, syntheti
 
 
 def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
-                  with_input_pipeline: bool = False) -> dict:
-  """Compile and time the step; returns the JSON record."""
+                  with_input_pipeline: bool = False, reference=None) -> dict:
+  """Compile and time the step; returns the JSON record.
+
+  `reference`: a `reference_timing.ReferenceStepper` whose steps are interleaved with ours (train mode only).
+  """
   if mode not in ('train', 'eval'):
     raise ValueError(f'mode={mode!r}: use train or eval')
   c = config.model
@@ -236,7 +250,9 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
     flops, flops_source = _unrolled_flops(config, mode, state, batch, rng, mesh), 'lowered_unrolled'
   analytic = analytic_flops(c, batch_size, train_mode=mode == 'train')
 
-  state, step_time, _, times = _time_steps(compiled, state, lambda: batch, rngs, steps, warmup)
+  if reference is not None and mode != 'train':
+    raise ValueError('the reference recipe is timed against the train step only (--mode train)')
+  state, step_time, _, times = _time_steps(compiled, state, lambda: batch, rngs, steps, warmup, reference)
   devices = mesh.devices.flatten().tolist()
   peak_mem, mem_source, mem_details = _memory(compiled, devices)
   peak = peak_flops_per_device(devices[0], c.dtype)
@@ -271,6 +287,13 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
       'step_times_s': times,
       'jax_version': jax.__version__,
   }
+  if reference is not None:
+    reference_time = float(np.median(reference.times))
+    record['reference'] = {'impl': 'pytorch-eager-fp32 (reference recipe), interleaved step by step',
+                           'torch_version': reference.torch_version, 'threads': reference.threads,
+                           'step_time_s': reference_time, 'samples_per_s': batch_size / reference_time,
+                           'step_times_s': reference.times}
+    record['ours_over_reference'] = step_time / reference_time
   if with_input_pipeline and mode == 'train':
     state, record['input_pipeline'] = _input_pipeline_run(config, compiled, state, rngs, steps, warmup, mesh,
                                                           step_time)
@@ -292,6 +315,9 @@ def main(argv=None) -> int:
   flags.DEFINE_integer('steps', 5, 'Timed steps (the median is reported).', flag_values=fv)
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.', flag_values=fv)
   flags.DEFINE_bool('with_input_pipeline', False, 'Also time steps fed by the input pipeline.', flag_values=fv)
+  flags.DEFINE_string('reference_python', None, 'A Python with torch and timm: interleave the reference recipe\'s '
+                      'train steps with ours (needs --reference_tool).', flag_values=fv)
+  flags.DEFINE_string('reference_tool', None, 'Path of torch_mma_dfer.py (../shared/tools/).', flag_values=fv)
   try:
     fv(argv)
   except flags.Error as e:
@@ -300,7 +326,18 @@ def main(argv=None) -> int:
   if fv.config is None:
     print('error: --config is required, e.g. --config configs/dfew.py', file=sys.stderr)
     return 2
-  record = run_benchmark(fv.config, fv.mode, fv.steps, fv.warmup, fv.with_input_pipeline)
+  if bool(fv.reference_python) != bool(fv.reference_tool):
+    print('error: --reference_python and --reference_tool go together', file=sys.stderr)
+    return 2
+  reference = None
+  if fv.reference_python:
+    reference = reference_timing.ReferenceStepper(fv.reference_python, fv.reference_tool, fv.config.model,
+                                                  fv.config.batch_size)
+  try:
+    record = run_benchmark(fv.config, fv.mode, fv.steps, fv.warmup, fv.with_input_pipeline, reference)
+  finally:
+    if reference is not None:
+      reference.close()
   if 'error' in record.get('input_pipeline', {}):
     print(f'input pipeline not timed: {record["input_pipeline"]["error"]}', file=sys.stderr)
   print(json.dumps(record), flush=True)

@@ -1,5 +1,8 @@
 """The benchmark runs end to end on a tiny model and reports sane figures (no timing assertions)."""
 import json
+import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -72,3 +75,56 @@ def test_einsum_attention_matches_the_default():
   grads = [jax.grad(lambda p, m=m: (m.apply(p, x) ** 2).sum())(params) for m in (default, einsum)]
   for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
     assert jnp.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+FAKE_REFERENCE_TOOL = '''
+import time, types
+class _Loss:
+  def backward(self):
+    time.sleep(0.01)
+class MMADFER:
+  def __init__(self, width, depth, heads, img, classes, temporal_layers, drop_path):
+    assert (width, depth, heads, img, classes) == (32, 6, 2, 32, 5), (width, depth, heads, img, classes)
+  def train(self):
+    return self
+  def trainable(self):
+    return []
+  def __call__(self, video, audio):
+    return None
+class _Optimizer:
+  def __init__(self, params, lr, weight_decay):
+    pass
+  def zero_grad(self):
+    pass
+  def step(self):
+    pass
+torch = types.SimpleNamespace(
+    __version__='fake', manual_seed=lambda s: None, get_num_threads=lambda: 1,
+    rand=lambda *shape: None, randn=lambda *shape: None, randint=lambda lo, hi, shape: None,
+    optim=types.SimpleNamespace(AdamW=_Optimizer))
+F = types.SimpleNamespace(cross_entropy=lambda logits, labels: _Loss())
+'''
+
+
+def test_reference_steps_interleave_with_ours(tmp_path, capsys):
+  """`--reference_python/--reference_tool` drive the reference recipe step by step (here a stand-in for torch)."""
+  tool = tmp_path / 'fake_torch_mma_dfer.py'
+  tool.write_text(FAKE_REFERENCE_TOOL)
+  tiny = [a for a in TINY if 'num_frames' not in a and 'mlp_dim' not in a and 'temporal' not in a]
+  argv = ['bench', '--config', str(ROOT / 'configs' / 'dfew.py'), *tiny, '--config.model.mlp_dim=128',
+          '--config.model.num_classes=5', '--steps', '3', '--warmup', '1', '--reference_python', sys.executable,
+          '--reference_tool', str(tool)]
+  assert bench.main(argv) == 0
+  record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  reference = record['reference']
+  assert reference['torch_version'] == 'fake' and len(reference['step_times_s']) == 3
+  assert all(t >= 0.01 for t in reference['step_times_s'])
+  assert abs(record['ours_over_reference'] - record['step_time_s'] / reference['step_time_s']) < 1e-9
+
+
+def test_reference_timing_refuses_shapes_the_tool_cannot_build():
+  from mma_dfer_jax import reference_timing
+  config = dfew.get_config().model
+  config.num_frames = 8
+  with pytest.raises(ValueError, match='num_frames=8'):
+    reference_timing.ReferenceStepper(sys.executable, 'unused.py', config, 1)

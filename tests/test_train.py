@@ -23,13 +23,25 @@ def experiment(lr=1e-4, wd=1e-2, **model):
   return config
 
 
-def run_two_steps(config, params, steps):
+def run_two_steps(config, params, steps, with_gradients=False):
   state = train.create_train_state(config, params)
-  losses = []
+  losses, gradients = [], []
   for i in range(2):
+    if with_gradients:
+      grads_fn = jax.jit(train._loss_and_grads)  # pylint: disable=protected-access
+      gradients.append(flax.traverse_util.flatten_dict(
+          grads_fn(state, *train.partition(state.params), fixture_batch(steps, i), jax.random.key(i))[1]))
     state, metrics = train.train_step(state, fixture_batch(steps, i), jax.random.key(i))
     losses.append(float(metrics['loss']))
+  if with_gradients:
+    return state, np.array(losses), gradients
   return state, np.array(losses)
+
+
+# AdamW's update is lr * m / (sqrt(v) + eps): where a step's gradient is of the order of eps (1e-8), the update
+# depends on the gradient's last bits, which differ between any two float32 implementations (and between CPUs).
+# Those elements are compared at the bound AdamW itself guarantees (lr per step); every other one at 1e-5.
+ADAM_EPS, NOISE_FLOOR = 1e-8, 10 * 1e-8
 
 
 @pytest.fixture(scope='module')
@@ -37,31 +49,37 @@ def two_steps(reference_small):
   config = experiment()
   params = convert.load_released_checkpoint(reference_small / 'model.pth', config.model)
   steps = np.load(reference_small / 'train_steps.npz')
-  state, losses = run_two_steps(config, params, steps)
-  return config, params, steps, state, losses
+  state, losses, gradients = run_two_steps(config, params, steps, with_gradients=True)
+  return config, params, steps, state, losses, gradients
 
 
 def test_two_adamw_steps_match_reference(two_steps, reference_small):
-  config, _, steps, state, losses = two_steps
+  config, _, steps, state, losses, gradients = two_steps
   np.testing.assert_allclose(losses, steps['losses'], rtol=1e-4)
   expected = np.load(reference_small / 'trained_params.npz')
   ours = flax.traverse_util.flatten_dict(state.params)
-  compared = 0
+  compared = elements = ill_conditioned = 0
   for path, src in convert.reference_layout(config.model).items():
     if train.is_frozen(path):
       continue
     values = [src.transform(expected[n]) for n in src.names]
-    np.testing.assert_allclose(ours[path], np.stack(values) if src.stacked else values[0], atol=1e-5, rtol=0,
-                               err_msg='/'.join(path))
+    reference = np.stack(values) if src.stacked else values[0]
+    noisy = (np.abs(gradients[0][path]) < NOISE_FLOOR) | (np.abs(gradients[1][path]) < NOISE_FLOOR)
+    name = '/'.join(path)
+    np.testing.assert_allclose(ours[path][~noisy], reference[~noisy], atol=1e-5, rtol=0, err_msg=name)
+    np.testing.assert_allclose(ours[path][noisy], reference[noisy], atol=2 * config.learning_rate, rtol=0,
+                               err_msg=name)
     compared += len(src.names)
+    elements, ill_conditioned = elements + noisy.size, ill_conditioned + int(noisy.sum())
   assert compared == len([n for n in expected.files if 'norm2' not in n])
+  assert ill_conditioned < 1e-3 * elements  # a handful of elements, not a loophole
   io = np.load(reference_small / 'io.npz')
   logits = train.eval_step(state, {'video': io['images_uint8'].transpose(0, 1, 3, 4, 2), 'audio': io['audio'][:, 0]})
   np.testing.assert_allclose(logits, steps['logits_after_steps'], atol=2e-4, rtol=0)
 
 
 def test_strong_steps_see_weight_decay_and_betas(two_steps, reference_small):
-  _, params, steps, _, _ = two_steps
+  _, params, steps, _, _, _ = two_steps
   config = experiment(lr=float(steps['strong_lr']), wd=float(steps['strong_weight_decay']))
   state, losses = run_two_steps(config, params, steps)
   np.testing.assert_allclose(losses, steps['strong_losses'], rtol=1e-4)
@@ -71,7 +89,7 @@ def test_strong_steps_see_weight_decay_and_betas(two_steps, reference_small):
 
 
 def test_frozen_leaves_are_bit_identical_and_the_rest_moved(two_steps):
-  _, params, _, state, _ = two_steps
+  _, params, _, state, _, _ = two_steps
   before, after = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(state.params)
   for path in before:
     if train.is_frozen(path):
@@ -81,7 +99,7 @@ def test_frozen_leaves_are_bit_identical_and_the_rest_moved(two_steps):
 
 
 def test_optimizer_state_covers_exactly_the_trainable_parameters(two_steps):
-  _, params, _, state, _ = two_steps
+  _, params, _, state, _, _ = two_steps
   trainable, frozen = train.partition(params)
   n_trainable = train.count_parameters(trainable)
   assert n_trainable + train.count_parameters(frozen) == train.count_parameters(params)
@@ -97,7 +115,7 @@ def test_optimizer_state_covers_exactly_the_trainable_parameters(two_steps):
 
 
 def test_every_adapter_receives_gradient(two_steps):
-  config, params, steps, _, _ = two_steps
+  config, params, steps, _, _, _ = two_steps
   state = train.create_train_state(config, params)
   trainable, frozen = train.partition(state.params)
   _, grads = train._loss_and_grads(state, trainable, frozen, fixture_batch(steps, 0), jax.random.key(0))

@@ -49,12 +49,12 @@ class Attention(nn.Module):
     head_dim = width // self.num_heads
     qkv = nn.Dense(3 * width, dtype=self.dtype, name='qkv')(x)
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-    if self.attention_impl == 'einsum':
+    impl = self.attention_impl or ('einsum' if jax.default_backend() == 'cpu' else None)
+    if impl == 'einsum':
       out = _einsum_attention(qkv)
     else:
       q, k, v = jnp.split(qkv, 3, axis=2)
-      out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
-                                         implementation=self.attention_impl or None)
+      out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], implementation=impl)
     return nn.Dense(width, dtype=self.dtype, name='proj')(out.reshape(batch, length, width))
 
 
