@@ -32,7 +32,6 @@ def model_config(num_classes: int) -> ml_collections.ConfigDict:
   # CPU, faster (less memory to fault in); BENCHMARKS.md. remat=False keeps every activation.
   m.remat = True
   m.remat_policy = 'dots_with_no_batch_dims_saveable'  # any name in jax.checkpoint_policies
-  m.scan_layers = True           # one scanned layer (fast compile); False unrolls the layers (BENCHMARKS.md)
   m.scan_unroll = 1              # unroll factor of the scan over the lockstep layers
   m.attention_impl = ''          # '' = einsum on CPU, jax.nn.dot_product_attention's choice elsewhere; 'einsum',
                                  # 'xla' or 'cudnn' to force one

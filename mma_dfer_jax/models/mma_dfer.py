@@ -100,12 +100,14 @@ class MMADFER(nn.Module):
     xv = vision(video.reshape((n * t,) + video.shape[2:]))
     xa = audio_stem(audio[..., None])
 
-    # Step 5: the lockstep layers. Parameters are stacked on a leading depth axis (`layers/...`) either way.
+    # Step 5: the lockstep layers, scanned (one compiled layer; parameters stacked on a leading depth axis).
+    layer = LockstepLayer
+    if c.remat:
+      layer = nn.remat(layer, prevent_cse=False, policy=getattr(jax.checkpoint_policies, c.remat_policy))
+    scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                      in_axes=0, length=c.depth, unroll=c.scan_unroll)
     per_layer = (jnp.asarray(drop_path_rates(c)), vision.prompt_updates(), audio_stem.prompt_updates())
-    if c.get('scan_layers', True) or self.is_initializing():
-      xv, xa = self._scanned_layers(xv, xa, per_layer, t, train, dtype)
-    else:
-      xv, xa = self._unrolled_layers(xv, xa, per_layer, t, train, dtype)
+    (xv, xa), _ = scanned(c, t, train, dtype, name='layers')((xv, xa), per_layer)
 
     # Step 6: final norms, cls tokens.
     fv = nn.LayerNorm(epsilon=vit.VIT_LN_EPS, dtype=dtype, name='vision_norm')(xv[:, 0])
@@ -121,40 +123,3 @@ class MMADFER(nn.Module):
     self.sow('intermediates', 'video_features', clip)
     return nn.Dense(c.num_classes, name='classifier', **initializers.torch_linear(clip.shape[-1]))(clip)
 
-  def _scanned_layers(self, xv, xa, per_layer, t, train, dtype):
-    """One compiled layer under `nn.scan`: short compiles; the backward pass reads residuals from stacked buffers."""
-    c = self.config
-    layer = LockstepLayer
-    if c.remat:
-      layer = nn.remat(layer, prevent_cse=False, policy=_remat_policy(c))
-    scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                      in_axes=0, length=c.depth, unroll=c.scan_unroll)
-    (xv, xa), _ = scanned(c, t, train, dtype, name='layers')((xv, xa), per_layer)
-    return xv, xa
-
-  def _unrolled_layers(self, xv, xa, per_layer, t, train, dtype):
-    """The same layers as straight-line code over slices of the stacked parameters.
-
-    Compiles `depth` layers instead of one, but saves the scan's stacked residual buffers (their zero fill, writes
-    and reads), which on CPU cost about a tenth of a train step (BENCHMARKS.md).
-    """
-    c = self.config
-    stacked = self.variables['params']['layers']
-    layer = LockstepLayer(c, t, train, dtype, parent=None)
-    dropout = self.make_rng('dropout') if train else None
-
-    def apply_layer(params, carry, inputs, rng):
-      return layer.apply({'params': params}, carry, inputs, rngs=None if rng is None else {'dropout': rng})[0]
-
-    if c.remat:
-      apply_layer = jax.checkpoint(apply_layer, policy=_remat_policy(c))  # outside a scan: keep prevent_cse
-    carry = (xv, xa)
-    for i in range(c.depth):
-      params = jax.tree.map(lambda x, i=i: x[i], stacked)
-      inputs = jax.tree.map(lambda x, i=i: x[i], per_layer)
-      carry = apply_layer(params, carry, inputs, None if dropout is None else jax.random.fold_in(dropout, i))
-    return carry
-
-
-def _remat_policy(model_config):
-  return getattr(jax.checkpoint_policies, model_config.remat_policy)
