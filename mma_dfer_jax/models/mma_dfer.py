@@ -122,4 +122,3 @@ class MMADFER(nn.Module):
                                         c.temporal_mlp_dim, name='temporal')(h)
     self.sow('intermediates', 'video_features', clip)
     return nn.Dense(c.num_classes, name='classifier', **initializers.torch_linear(clip.shape[-1]))(clip)
-
