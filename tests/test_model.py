@@ -1,6 +1,4 @@
 """The Flax MMA-DFER against the reference's golden outputs, and at other sizes."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,37 +100,24 @@ def test_depth_not_multiple_of_six_is_an_error():
     jax.eval_shape(MMADFER(config).init, jax.random.key(0), jnp.zeros((1, 16, 224, 224, 3)), jnp.zeros((1, 512, 128)))
 
 
-VARIANT_SIZES = dict(width=32, depth=6, num_heads=2, mlp_dim=64, img_size=32, num_frames=2, audio_frames=32,
-                     audio_mels=32, fusion_width=16, drop_path_rate=0.0)
-
-
-def _variant_inputs():
+def test_remat_and_einsum_attention_compute_the_same_function():
+  """The defaults (remat, einsum attention on CPU) against keeping every activation and XLA attention."""
+  sizes = dict(width=32, depth=6, num_heads=2, mlp_dim=64, img_size=32, num_frames=2, audio_frames=32,
+               audio_mels=32, fusion_width=16, drop_path_rate=0.0)
   video = jax.random.uniform(jax.random.key(0), (2, 2, 32, 32, 3))
   audio = jax.random.normal(jax.random.key(1), (2, 32, 32))
-  return video, audio
-
-
-@functools.lru_cache(maxsize=None)
-def _variant_loss_and_grads(**variant):
-  config = small_model_config(**VARIANT_SIZES, **variant)
-  video, audio = _variant_inputs()
-  params = jax.jit(MMADFER(small_model_config(**VARIANT_SIZES)).init)(jax.random.key(2), video, audio)['params']
-
-  def loss(p):
-    logits = MMADFER(config).apply({'params': p}, video, audio, train=True, rngs={'dropout': jax.random.key(3)})
-    return (logits ** 2).mean()
-  return params, jax.jit(jax.value_and_grad(loss))(params)
-
-
-@pytest.mark.parametrize('variant', [dict(remat=False, attention_impl='xla')])
-def test_layer_execution_variants_compute_the_same_function(variant):
-  """With or without remat, einsum or XLA attention: the same loss and gradients."""
-  video, audio = _variant_inputs()
-  params, (loss_a, grads_a) = _variant_loss_and_grads()
-  other = small_model_config(**VARIANT_SIZES, **variant)
-  assert jax.tree.structure(jax.eval_shape(MMADFER(other).init, jax.random.key(2), video, audio)['params']) == \
+  default, plain = small_model_config(**sizes), small_model_config(**sizes, remat=False, attention_impl='xla')
+  params = jax.jit(MMADFER(default).init)(jax.random.key(2), video, audio)['params']
+  assert jax.tree.structure(jax.eval_shape(MMADFER(plain).init, jax.random.key(2), video, audio)['params']) == \
       jax.tree.structure(params)
-  _, (loss_b, grads_b) = _variant_loss_and_grads(**variant)
+
+  def loss_and_grads(config):
+    def loss(p):
+      logits = MMADFER(config).apply({'params': p}, video, audio, train=True, rngs={'dropout': jax.random.key(3)})
+      return (logits ** 2).mean()
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(default), loss_and_grads(plain)
   np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

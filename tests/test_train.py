@@ -26,9 +26,9 @@ def experiment(lr=1e-4, wd=1e-2, **model):
 def run_two_steps(config, params, steps, with_gradients=False):
   state = train.create_train_state(config, params)
   losses, gradients = [], []
+  grads_fn = jax.jit(train._loss_and_grads)  # pylint: disable=protected-access
   for i in range(2):
     if with_gradients:
-      grads_fn = jax.jit(train._loss_and_grads)  # pylint: disable=protected-access
       gradients.append(flax.traverse_util.flatten_dict(
           grads_fn(state, *train.partition(state.params), fixture_batch(steps, i), jax.random.key(i))[1]))
     state, metrics = train.train_step(state, fixture_batch(steps, i), jax.random.key(i))
@@ -41,7 +41,8 @@ def run_two_steps(config, params, steps, with_gradients=False):
 # AdamW's update is lr * m / (sqrt(v) + eps): where a step's gradient is of the order of eps (1e-8), the update
 # depends on the gradient's last bits, which differ between any two float32 implementations (and between CPUs).
 # Those elements are compared at the bound AdamW itself guarantees (lr per step); every other one at 1e-5.
-ADAM_EPS, NOISE_FLOOR = 1e-8, 10 * 1e-8
+ADAM_EPS = 1e-8
+NOISE_FLOOR = 10 * ADAM_EPS
 
 
 @pytest.fixture(scope='module')
