@@ -67,6 +67,8 @@ def main(argv):
     fail('--workdir is required')
   validate(config)
   logging.set_verbosity(logging.WARNING)
+  from mma_dfer_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.configure(config)  # before JAX starts its CPU client
   initialize_distributed()
 
   from mma_dfer_jax import experiment  # pylint: disable=g-import-not-at-top

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mma_dfer_jax import host_memory
 from mma_dfer_jax import reference_timing
 from mma_dfer_jax import sharding
 from mma_dfer_jax import train
@@ -219,6 +220,7 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
   """
   if mode not in ('train', 'eval'):
     raise ValueError(f'mode={mode!r}: use train or eval')
+  keeps_freed_memory = host_memory.configure(config)  # before the first JAX call starts the CPU client
   c = config.model
   mesh = sharding.make_mesh(config)
   batch_size = config.batch_size if mode == 'train' else config.get('eval_batch_size', config.batch_size)
@@ -286,6 +288,7 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
       'warmup': warmup,
       'step_times_s': times,
       'jax_version': jax.__version__,
+      'cpu_keep_freed_memory': keeps_freed_memory,
   }
   if reference is not None:
     reference_time = float(np.median(reference.times))

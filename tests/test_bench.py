@@ -13,7 +13,8 @@ TINY = ['--config.model.width=32', '--config.model.depth=6', '--config.model.num
         '--config.model.mlp_dim=64', '--config.model.img_size=32', '--config.model.num_frames=4',
         '--config.model.audio_frames=64', '--config.model.audio_mels=32', '--config.model.fusion_width=16',
         '--config.model.temporal_width=32', '--config.model.temporal_heads=2', '--config.model.temporal_head_dim=16',
-        '--config.model.temporal_mlp_dim=64', '--config.batch_size=2']
+        '--config.model.temporal_mlp_dim=64', '--config.batch_size=2',
+        '--config.cpu_keep_freed_memory=False']  # keeps this pytest process's allocator as it is
 
 
 def test_main_prints_one_sane_json_line(capsys):
@@ -31,6 +32,7 @@ def test_main_prints_one_sane_json_line(capsys):
   assert record['mfu'] is None and record['hfu'] is None  # no known peak on CPU
   assert record['peak_memory_bytes'] > 0 and record['memory_source']
   assert record['model']['width'] == 32 and record['model']['depth'] == 6
+  assert record['cpu_keep_freed_memory'] is False
 
   # XLA counts what the step computes (the scan unrolled, elementwise ops too); the analytic count is the
   # matmuls alone. On this tiny model they agree within a small factor.

@@ -7,6 +7,7 @@ from conftest import small_model_config
 
 from mma_dfer_jax import convert
 from mma_dfer_jax.models import MMADFER
+from mma_dfer_jax.models import mma_dfer
 
 
 def fixture_inputs(io):
@@ -100,13 +101,15 @@ def test_depth_not_multiple_of_six_is_an_error():
     jax.eval_shape(MMADFER(config).init, jax.random.key(0), jnp.zeros((1, 16, 224, 224, 3)), jnp.zeros((1, 512, 128)))
 
 
-def test_remat_and_einsum_attention_compute_the_same_function():
-  """The defaults (remat, einsum attention on CPU) against keeping every activation and XLA attention."""
+@pytest.mark.parametrize('policy', ['dots_with_no_batch_dims_saveable', 'dots_and_attention_probs'])
+def test_remat_and_einsum_attention_compute_the_same_function(policy):
+  """Remat (with either policy) and einsum attention against keeping every activation and XLA attention."""
   sizes = dict(width=32, depth=6, num_heads=2, mlp_dim=64, img_size=32, num_frames=2, audio_frames=32,
                audio_mels=32, fusion_width=16, drop_path_rate=0.0)
   video = jax.random.uniform(jax.random.key(0), (2, 2, 32, 32, 3))
   audio = jax.random.normal(jax.random.key(1), (2, 32, 32))
-  default, plain = small_model_config(**sizes), small_model_config(**sizes, remat=False, attention_impl='xla')
+  default = small_model_config(**sizes, remat_policy=policy, attention_impl='einsum')
+  plain = small_model_config(**sizes, remat=False, attention_impl='xla')
   params = jax.jit(MMADFER(default).init)(jax.random.key(2), video, audio)['params']
   assert jax.tree.structure(jax.eval_shape(MMADFER(plain).init, jax.random.key(2), video, audio)['params']) == \
       jax.tree.structure(params)
@@ -121,3 +124,8 @@ def test_remat_and_einsum_attention_compute_the_same_function():
   np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_remat_policy_is_an_error():
+  with pytest.raises(ValueError, match='remat_policy'):
+    mma_dfer.remat_policy('keep_everything_please')

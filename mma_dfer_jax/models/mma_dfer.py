@@ -29,6 +29,20 @@ def audio_grid(model_config):
   return (model_config.audio_frames // p, model_config.audio_mels // p)
 
 
+def remat_policy(name: str):
+  """A policy of jax.checkpoint_policies by name, or 'dots_and_attention_probs': the weight-matmul outputs (as
+  'dots_with_no_batch_dims_saveable') and the einsum attention's probabilities, so that the backward pass does not
+  recompute the attention scores and softmax (more memory, fewer FLOPs)."""
+  policies = jax.checkpoint_policies
+  if name == 'dots_and_attention_probs':
+    return policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable,
+                                            policies.save_only_these_names(vit.ATTENTION_PROBS))
+  policy = getattr(policies, name, None)
+  if policy is None or name.startswith('_'):
+    raise ValueError(f'model.remat_policy={name!r}: use dots_and_attention_probs or a name in jax.checkpoint_policies')
+  return policy
+
+
 def drop_path_rates(model_config) -> np.ndarray:
   """timm's linear stochastic-depth schedule: 0 at the first block, drop_path_rate at the last."""
   return np.linspace(0.0, model_config.drop_path_rate, model_config.depth, dtype=np.float32)
@@ -103,7 +117,7 @@ class MMADFER(nn.Module):
     # Step 5: the lockstep layers, scanned (one compiled layer; parameters stacked on a leading depth axis).
     layer = LockstepLayer
     if c.remat:
-      layer = nn.remat(layer, prevent_cse=False, policy=getattr(jax.checkpoint_policies, c.remat_policy))
+      layer = nn.remat(layer, prevent_cse=False, policy=remat_policy(c.remat_policy))
     scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=0, length=c.depth, unroll=c.scan_unroll)
     per_layer = (jnp.asarray(drop_path_rates(c)), vision.prompt_updates(), audio_stem.prompt_updates())

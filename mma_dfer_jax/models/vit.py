@@ -7,10 +7,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mma_dfer_jax.models.initializers import scaled_normal
 
 VIT_LN_EPS = 1e-6
+ATTENTION_PROBS = 'attention_probs'  # checkpoint name of the einsum attention's softmax output
 Dtype = Any
 
 
@@ -33,6 +35,7 @@ def _einsum_attention(qkv: jax.Array) -> jax.Array:
   q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))   # each (B, H, L, d)
   logits = jnp.einsum('bhqd,bhkd->bhqk', q * q.shape[-1] ** -0.5, k)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)  # float32 softmax, as the default
+  probs = checkpoint_name(probs, ATTENTION_PROBS)  # a remat policy may keep these (models/mma_dfer.py)
   out = jnp.einsum('bhqk,bhkd->bhqd', probs, v)
   return jnp.swapaxes(out, 1, 2)
 
