@@ -31,7 +31,8 @@ def model_config(num_classes: int) -> ml_collections.ConfigDict:
   # softmax, GELU, the attention score matmul) in the backward pass. Half the memory of keeping everything and, on
   # CPU, faster (less memory to fault in); BENCHMARKS.md. remat=False keeps every activation.
   m.remat = True
-  m.remat_policy = 'dots_with_no_batch_dims_saveable'  # any name in jax.checkpoint_policies
+  m.remat_policy = 'dots_with_no_batch_dims_saveable'  # a name in jax.checkpoint_policies, or
+                                 # 'dots_and_attention_probs' (also keeps the softmax: more memory, no recompute)
   m.scan_unroll = 1              # unroll factor of the scan over the lockstep layers
   m.attention_impl = ''          # '' = einsum on CPU, jax.nn.dot_product_attention's choice elsewhere; 'einsum',
                                  # 'xla' or 'cudnn' to force one
