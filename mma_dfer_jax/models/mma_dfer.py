@@ -37,8 +37,8 @@ def remat_policy(name: str):
   if name == 'dots_and_attention_probs':
     return policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable,
                                             policies.save_only_these_names(vit.ATTENTION_PROBS))
-  policy = getattr(policies, name, None)
-  if policy is None or name.startswith('_'):
+  policy = None if name.startswith('_') else getattr(policies, name, None)
+  if policy is None:
     raise ValueError(f'model.remat_policy={name!r}: use dots_and_attention_probs or a name in jax.checkpoint_policies')
   return policy
 
