@@ -4,7 +4,8 @@ XLA:CPU allocates each step's temporary buffer (1.8 GB for the paper's model at 
 when the step ends. glibc serves blocks that large with a fresh `mmap` and unmaps them on `free`, so every step
 page-faults the whole buffer in again (~430k faults a step). Asking glibc to serve every block from its main heap
 and to keep freed memory (`mallopt`) lets the next step reuse the same pages: no faults, a faster step on CPU
-(BENCHMARKS.md). The price is that the process keeps its peak memory until it exits.
+(BENCHMARKS.md). The price is that the process keeps its peak memory until it exits, and with some allocation
+patterns (the paper's batch 8 on CPU) the heap fragments and keeps growing: hence opt-in.
 
 Hand-written because `mallopt` is glibc's own interface and no Python library wraps it; it is called through
 ctypes. Elsewhere (macOS, musl) this does nothing.
