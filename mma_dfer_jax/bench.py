@@ -220,6 +220,8 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
   """
   if mode not in ('train', 'eval'):
     raise ValueError(f'mode={mode!r}: use train or eval')
+  if reference is not None and mode != 'train':
+    raise ValueError('the reference recipe is timed against the train step only (--mode train)')
   keeps_freed_memory = host_memory.configure(config)  # before the first JAX call starts the CPU client
   c = config.model
   mesh = sharding.make_mesh(config)
@@ -252,8 +254,6 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
     flops, flops_source = _unrolled_flops(config, mode, state, batch, rng, mesh), 'lowered_unrolled'
   analytic = analytic_flops(c, batch_size, train_mode=mode == 'train')
 
-  if reference is not None and mode != 'train':
-    raise ValueError('the reference recipe is timed against the train step only (--mode train)')
   state, step_time, _, times = _time_steps(compiled, state, lambda: batch, rngs, steps, warmup, reference)
   devices = mesh.devices.flatten().tolist()
   peak_mem, mem_source, mem_details = _memory(compiled, devices)
