@@ -34,8 +34,10 @@ def model_config(num_classes: int) -> ml_collections.ConfigDict:
   m.remat_policy = 'dots_with_no_batch_dims_saveable'  # a name in jax.checkpoint_policies, or
                                  # 'dots_and_attention_probs' (also keeps the softmax: more memory, no recompute)
   m.scan_unroll = 1              # unroll factor of the scan over the lockstep layers
-  m.attention_impl = ''          # '' = einsum on CPU, jax.nn.dot_product_attention's choice elsewhere; 'einsum',
-                                 # 'xla' or 'cudnn' to force one
+  m.attention_impl = ''          # '' = on CPU the fused kernel of cpu_kernels (float32) or einsum, elsewhere
+                                 # jax.nn.dot_product_attention's choice; 'cpu_fused', 'einsum', 'xla' or 'cudnn'
+  m.matmul_impl = ''             # the encoder blocks' Dense matmuls: '' = OpenBLAS (cpu_kernels) on CPU in float32,
+                                 # XLA elsewhere; 'xla' or 'openblas' to force one
   return m
 
 

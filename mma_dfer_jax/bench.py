@@ -9,7 +9,9 @@ steps after `--warmup` untimed ones, each blocking on its results. FLOPs:
 
 - `flops_per_step`: XLA's cost analysis of the step. XLA counts a while-loop body once, so when the lockstep
   layers are scanned (scan_unroll < depth) it is taken from an unrolled lowering of the same step instead
-  (`flops_source` says which); it includes everything XLA computes (elementwise ops, remat recomputation).
+  (`flops_source` says which), and with XLA's own attention and matmuls where the CPU kernels run (XLA cannot
+  count into a custom call); it includes everything XLA computes (elementwise ops, remat recomputation).
+- `kernels`: what the encoder blocks run: attention (cpu_fused, einsum, ...) and matmul (openblas or xla).
 - `flops_analytic_per_step`: model FLOPs, matmuls only (see `analytic_flops`); `mfu` is these over the step time
   and the device's peak (null where the peak is unknown, e.g. CPU); `hfu` the same with XLA's count.
 """
@@ -29,6 +31,7 @@ from mma_dfer_jax import sharding
 from mma_dfer_jax import train
 from mma_dfer_jax.models import MMADFER
 from mma_dfer_jax.models import mma_dfer
+from mma_dfer_jax.models import vit
 
 # Dense peak FLOP/s per device: (bfloat16, float32 as the default matmul precision runs it). GPUs run float32
 # matmuls as TF32 by default; TPUs as single-pass bfloat16. Matched against device_kind, first match wins.
@@ -132,9 +135,13 @@ def _jit(mode, state, mesh):
 
 
 def _unrolled_flops(config, mode, state, batch, rng, mesh):
-  """XLA's count for the step with the layer scan fully unrolled (XLA counts a loop body only once)."""
+  """XLA's count for the step with the layer scan fully unrolled (XLA counts a loop body only once), and with
+  XLA's own attention and matmuls in place of the CPU kernels, whose custom calls XLA cannot count into."""
   unrolled = ml_collections.ConfigDict(config.to_dict())
   unrolled.model.scan_unroll = unrolled.model.depth
+  if vit.resolved_impls(config.model)['attention'] == 'cpu_fused':
+    unrolled.model.attention_impl = 'einsum'
+  unrolled.model.matmul_impl = 'xla'
   abstract = jax.eval_shape(lambda: state)
   abstract = abstract.replace(model=MMADFER(ml_collections.FrozenConfigDict(unrolled.model)))
   return _xla_flops(_jit(mode, abstract, mesh).lower(abstract, batch, rng).cost_analysis())
@@ -250,7 +257,9 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
 
   flops = _xla_flops(compiled.cost_analysis())
   flops_source = 'compiled'
-  if c.scan_unroll < c.depth:
+  kernels = vit.resolved_impls(c)
+  uses_cpu_kernels = kernels['attention'] == 'cpu_fused' or kernels['matmul'] == 'openblas'
+  if c.scan_unroll < c.depth or uses_cpu_kernels:
     flops, flops_source = _unrolled_flops(config, mode, state, batch, rng, mesh), 'lowered_unrolled'
   analytic = analytic_flops(c, batch_size, train_mode=mode == 'train')
 
@@ -283,7 +292,9 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
       'batch': batch_size,
       'dtype': c.dtype,
       'model': {k: c[k] for k in ('img_size', 'num_frames', 'width', 'depth', 'num_heads', 'mlp_dim',
-                                  'temporal_layers', 'remat', 'remat_policy', 'scan_unroll', 'attention_impl')},
+                                  'temporal_layers', 'remat', 'remat_policy', 'scan_unroll', 'attention_impl',
+                                  'matmul_impl')},
+      'kernels': kernels,
       'steps': steps,
       'warmup': warmup,
       'step_times_s': times,

@@ -8,6 +8,7 @@ from conftest import ROOT
 
 from configs import dfew
 from mma_dfer_jax import bench
+from mma_dfer_jax.models import vit
 
 TINY = ['--config.model.width=32', '--config.model.depth=6', '--config.model.num_heads=2',
         '--config.model.mlp_dim=64', '--config.model.img_size=32', '--config.model.num_frames=4',
@@ -33,6 +34,7 @@ def test_main_prints_one_sane_json_line(capsys):
   assert record['peak_memory_bytes'] > 0 and record['memory_source']
   assert record['model']['width'] == 32 and record['model']['depth'] == 6
   assert record['cpu_keep_freed_memory'] is False
+  assert record['kernels'] == vit.resolved_impls(dfew.get_config().model)
 
   # XLA counts what the step computes (the scan unrolled, elementwise ops too); the analytic count is the
   # matmuls alone. On this tiny model they agree within a small factor.

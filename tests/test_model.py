@@ -6,6 +6,7 @@ import pytest
 from conftest import small_model_config
 
 from mma_dfer_jax import convert
+from mma_dfer_jax import cpu_kernels
 from mma_dfer_jax.models import MMADFER
 from mma_dfer_jax.models import mma_dfer
 
@@ -101,15 +102,19 @@ def test_depth_not_multiple_of_six_is_an_error():
     jax.eval_shape(MMADFER(config).init, jax.random.key(0), jnp.zeros((1, 16, 224, 224, 3)), jnp.zeros((1, 512, 128)))
 
 
-@pytest.mark.parametrize('policy', ['dots_with_no_batch_dims_saveable', 'dots_and_attention_probs'])
-def test_remat_and_einsum_attention_compute_the_same_function(policy):
-  """Remat (with either policy) and einsum attention against keeping every activation and XLA attention."""
+@pytest.mark.parametrize('policy,attention', [('dots_with_no_batch_dims_saveable', 'einsum'),
+                                              ('dots_and_attention_probs', 'einsum'),
+                                              ('dots_with_no_batch_dims_saveable', 'cpu_fused')])
+def test_remat_and_cpu_kernels_compute_the_same_function(policy, attention):
+  """Remat (with either policy) and the CPU attentions against keeping every activation and XLA attention."""
+  if attention == 'cpu_fused' and not cpu_kernels.available():
+    pytest.skip('the fused CPU attention kernel could not be built here (no C++ compiler)')
   sizes = dict(width=32, depth=6, num_heads=2, mlp_dim=64, img_size=32, num_frames=2, audio_frames=32,
                audio_mels=32, fusion_width=16, drop_path_rate=0.0)
   video = jax.random.uniform(jax.random.key(0), (2, 2, 32, 32, 3))
   audio = jax.random.normal(jax.random.key(1), (2, 32, 32))
-  default = small_model_config(**sizes, remat_policy=policy, attention_impl='einsum')
-  plain = small_model_config(**sizes, remat=False, attention_impl='xla')
+  default = small_model_config(**sizes, remat_policy=policy, attention_impl=attention)
+  plain = small_model_config(**sizes, remat=False, attention_impl='xla', matmul_impl='xla')
   params = jax.jit(MMADFER(default).init)(jax.random.key(2), video, audio)['params']
   assert jax.tree.structure(jax.eval_shape(MMADFER(plain).init, jax.random.key(2), video, audio)['params']) == \
       jax.tree.structure(params)

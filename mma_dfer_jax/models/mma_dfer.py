@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mma_dfer_jax import cpu_kernels
 from mma_dfer_jax.models import adapters
 from mma_dfer_jax.models import initializers
 from mma_dfer_jax.models import temporal
@@ -32,15 +33,24 @@ def audio_grid(model_config):
 def remat_policy(name: str):
   """A policy of jax.checkpoint_policies by name, or 'dots_and_attention_probs': the weight-matmul outputs (as
   'dots_with_no_batch_dims_saveable') and the einsum attention's probabilities, so that the backward pass does not
-  recompute the attention scores and softmax (more memory, fewer FLOPs)."""
+  recompute the attention scores and softmax (more memory, fewer FLOPs).
+
+  Except under 'nothing_saveable', the outputs of the CPU kernels (cpu_kernels.py) are kept too: the weight
+  matmuls' as XLA's own dots are, and the fused attention's, which its backward pass reads (recomputing them would
+  run the forward kernel a second time to save a few MB per layer).
+  """
   policies = jax.checkpoint_policies
   if name == 'dots_and_attention_probs':
-    return policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable,
-                                            policies.save_only_these_names(vit.ATTENTION_PROBS))
-  policy = None if name.startswith('_') else getattr(policies, name, None)
-  if policy is None:
-    raise ValueError(f'model.remat_policy={name!r}: use dots_and_attention_probs or a name in jax.checkpoint_policies')
-  return policy
+    policy = policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable,
+                                              policies.save_only_these_names(vit.ATTENTION_PROBS))
+  else:
+    policy = None if name.startswith('_') else getattr(policies, name, None)
+    if policy is None:
+      raise ValueError(f'model.remat_policy={name!r}: use dots_and_attention_probs or a name in '
+                       'jax.checkpoint_policies')
+  if name == 'nothing_saveable':
+    return policy
+  return policies.save_from_both_policies(policy, cpu_kernels.outputs_saveable)
 
 
 def drop_path_rates(model_config) -> np.ndarray:
@@ -84,7 +94,8 @@ class LockstepLayer(nn.Module):
     xv, xa = carry
     drop_rate, vision_prompt_update, audio_prompt_update = per_layer
     c = self.model_config
-    block = functools.partial(vit.EncoderBlock, c.num_heads, c.mlp_dim, self.dtype, c.attention_impl)
+    block = functools.partial(vit.EncoderBlock, c.num_heads, c.mlp_dim, self.dtype, c.attention_impl,
+                              c.get('matmul_impl', ''))
     xv = block(name='vision_block')(xv, drop_rate, self.train)
     xa = block(name='audio_block')(xa, drop_rate, self.train)
     xv, xa = adapters.FusionAdapter(c.fusion_width, self.num_frames, self.dtype, name='fusion')(xv, xa)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mma_dfer_jax import cpu_kernels
 from mma_dfer_jax.models.initializers import scaled_normal
 
 VIT_LN_EPS = 1e-6
@@ -40,36 +41,69 @@ def _einsum_attention(qkv: jax.Array) -> jax.Array:
   return jnp.swapaxes(out, 1, 2)
 
 
+def _default_attention_impl(dtype: Dtype) -> str | None:
+  """On CPU the fused kernel (float32) or else the einsum form; elsewhere jax.nn.dot_product_attention's choice."""
+  if jax.default_backend() != 'cpu':
+    return None
+  if jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available():
+    return 'cpu_fused'
+  return 'einsum'
+
+
+def _dense_dot_general(matmul_impl: str, dtype: Dtype):
+  """The matmul of the blocks' Dense layers: OpenBLAS (cpu_kernels) on CPU in float32 unless 'xla' is asked."""
+  if matmul_impl not in ('', 'xla', 'openblas'):
+    raise ValueError(f"model.matmul_impl={matmul_impl!r}: use '' (automatic), 'openblas' or 'xla'")
+  if matmul_impl == 'openblas' or (not matmul_impl and jax.default_backend() == 'cpu'
+                                   and jnp.dtype(dtype) == jnp.float32):
+    return cpu_kernels.dot_general  # itself falls back to XLA where the kernels could not be built
+  return None
+
+
+def resolved_impls(model_config) -> dict[str, str]:
+  """What the encoder blocks run on this backend: {'attention': ..., 'matmul': ...} (recorded by the benchmark)."""
+  dtype = jnp.dtype(model_config.dtype)
+  attention = model_config.attention_impl or _default_attention_impl(dtype) or 'dot_product_attention'
+  uses_blas = _dense_dot_general(model_config.get('matmul_impl', ''), dtype) is not None and cpu_kernels.available()
+  return {'attention': attention, 'matmul': 'openblas' if uses_blas else 'xla'}
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one fused qkv projection (with bias), as timm's ViT."""
   num_heads: int
   dtype: Dtype = jnp.float32
   attention_impl: str = ''
+  matmul_impl: str = ''
 
   @nn.compact
   def __call__(self, x):
     batch, length, width = x.shape
     head_dim = width // self.num_heads
-    qkv = nn.Dense(3 * width, dtype=self.dtype, name='qkv')(x)
+    dot_general = _dense_dot_general(self.matmul_impl, self.dtype)
+    qkv = nn.Dense(3 * width, dtype=self.dtype, dot_general=dot_general, name='qkv')(x)
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-    impl = self.attention_impl or ('einsum' if jax.default_backend() == 'cpu' else None)
-    if impl == 'einsum':
+    impl = self.attention_impl or _default_attention_impl(self.dtype)
+    if impl == 'cpu_fused':
+      out = cpu_kernels.attention(qkv.astype(jnp.float32)).astype(qkv.dtype)
+    elif impl == 'einsum':
       out = _einsum_attention(qkv)
     else:
       q, k, v = jnp.split(qkv, 3, axis=2)
       out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], implementation=impl)
-    return nn.Dense(width, dtype=self.dtype, name='proj')(out.reshape(batch, length, width))
+    return nn.Dense(width, dtype=self.dtype, dot_general=dot_general, name='proj')(out.reshape(batch, length, width))
 
 
 class Mlp(nn.Module):
   hidden_dim: int
   dtype: Dtype = jnp.float32
+  matmul_impl: str = ''
 
   @nn.compact
   def __call__(self, x):
-    h = nn.Dense(self.hidden_dim, dtype=self.dtype, name='fc1')(x)
+    dot_general = _dense_dot_general(self.matmul_impl, self.dtype)
+    h = nn.Dense(self.hidden_dim, dtype=self.dtype, dot_general=dot_general, name='fc1')(x)
     h = nn.gelu(h, approximate=False)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name='fc2')(h)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, dot_general=dot_general, name='fc2')(h)
 
 
 class EncoderBlock(nn.Module):
@@ -78,6 +112,7 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   attention_impl: str = ''
+  matmul_impl: str = ''
 
   @nn.compact
   def __call__(self, x, drop_rate, train: bool):
@@ -87,9 +122,9 @@ class EncoderBlock(nn.Module):
       return branch
 
     h = nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=self.dtype, name='norm1')(x)
-    x = x + residual(Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')(h))
+    x = x + residual(Attention(self.num_heads, self.dtype, self.attention_impl, self.matmul_impl, name='attn')(h))
     h = nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=self.dtype, name='norm2')(x)
-    return x + residual(Mlp(self.mlp_dim, self.dtype, name='mlp')(h))
+    return x + residual(Mlp(self.mlp_dim, self.dtype, self.matmul_impl, name='mlp')(h))
 
 
 class TokenEmbedding(nn.Module):
