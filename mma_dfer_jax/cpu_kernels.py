@@ -190,3 +190,19 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return matmul(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type)
+
+
+def dense_dot_general(matmul_impl: str, dtype):
+  """The `dot_general` for a Dense layer: this module's (OpenBLAS) on CPU in float32 unless 'xla' is asked, else
+  None (Flax's default, XLA's dot)."""
+  if matmul_impl not in ('', 'xla', 'openblas'):
+    raise ValueError(f"model.matmul_impl={matmul_impl!r}: use '' (automatic), 'openblas' or 'xla'")
+  if matmul_impl == 'openblas' or (not matmul_impl and suited(dtype)):
+    return dot_general  # itself falls back to XLA where the kernels could not be built
+  return None
+
+
+def suited(dtype) -> bool:
+  """Whether the kernels are the default: float32 on a single CPU device. XLA's SPMD partitioner does not know these
+  custom calls and would run each one whole on every device of a mesh, so sharded runs keep XLA's own ops."""
+  return jax.default_backend() == 'cpu' and jax.device_count() == 1 and jnp.dtype(dtype) == jnp.float32

@@ -129,3 +129,14 @@ def test_remat_keeps_kernel_outputs_instead_of_running_them_again():
 def test_unknown_matmul_impl_is_an_error():
   with pytest.raises(ValueError, match='matmul_impl'):
     vit.Mlp(8, matmul_impl='mkl').init(jax.random.key(0), jnp.ones((1, 2, 4)))
+
+
+def test_a_mesh_of_several_devices_keeps_xlas_own_ops():
+  """XLA's partitioner would run a custom call whole on every device, so sharded runs use XLA's attention/matmuls."""
+  script = ('from configs import common\n'
+            'from mma_dfer_jax.models import vit\n'
+            'print(vit.resolved_impls(common.model_config(7)))\n')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, check=True)
+  assert result.stdout.strip() == "{'attention': 'einsum', 'matmul': 'xla'}"

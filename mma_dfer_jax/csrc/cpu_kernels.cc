@@ -51,12 +51,14 @@ constexpr int kTileCols = 16;
 inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // C[r, 0:cols] = sum_k A[r, k] B[k, 0:16] for r < Rows. A is read through strides (a_row, a_k), so a transposed
-// operand needs no copy; B rows hold at least 16 readable floats (packed, zero-padded).
-template <int Rows>
+// operand needs no copy; B rows hold at least 16 readable floats (packed, zero-padded). Full tiles store straight
+// from the accumulators (kFull), so that the compiler keeps them in registers with no stack copy.
+template <int Rows, bool kFull>
 inline void MicroKernel(int64_t depth, const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t b_row,
                         float* c, int64_t c_row, int64_t cols) {
   v8f acc0[Rows], acc1[Rows];
   for (int r = 0; r < Rows; ++r) acc0[r] = acc1[r] = v8f{};
+#pragma GCC unroll 2
   for (int64_t k = 0; k < depth; ++k) {
     const v8f b0 = Load(b + k * b_row), b1 = Load(b + k * b_row + 8);
     const float* a_k_col = a + k * a_k;
@@ -67,7 +69,7 @@ inline void MicroKernel(int64_t depth, const float* a, int64_t a_row, int64_t a_
     }
   }
   for (int r = 0; r < Rows; ++r) {
-    if (cols == kTileCols) {
+    if constexpr (kFull) {
       Store(c + r * c_row, acc0[r]);
       Store(c + r * c_row + 8, acc1[r]);
     } else {  // a partial tile at the right edge of a strided output
@@ -79,6 +81,16 @@ inline void MicroKernel(int64_t depth, const float* a, int64_t a_row, int64_t a_
   }
 }
 
+template <int Rows>
+inline void Tile(int64_t depth, const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t b_row, float* c,
+                 int64_t c_row, int64_t cols) {
+  if (cols == kTileCols) {
+    MicroKernel<Rows, true>(depth, a, a_row, a_k, b, b_row, c, c_row, cols);
+  } else {
+    MicroKernel<Rows, false>(depth, a, a_row, a_k, b, b_row, c, c_row, cols);
+  }
+}
+
 // C (rows x cols, row stride c_row) = A (rows x depth, strides a_row, a_k) @ B (depth x cols, row stride b_row),
 // where B's rows are readable up to a multiple of 16 columns.
 void Matmul(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_row, int64_t a_k, const float* b,
@@ -87,15 +99,15 @@ void Matmul(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a
     const int64_t tile_cols = std::min<int64_t>(kTileCols, cols - j);
     int64_t i = 0;
     for (; i + kTileRows <= rows; i += kTileRows)
-      MicroKernel<kTileRows>(depth, a + i * a_row, a_row, a_k, b + j, b_row, c + i * c_row + j, c_row, tile_cols);
+      Tile<kTileRows>(depth, a + i * a_row, a_row, a_k, b + j, b_row, c + i * c_row + j, c_row, tile_cols);
     const float* a_i = a + i * a_row;
     float* c_i = c + i * c_row + j;
     switch (rows - i) {
-      case 5: MicroKernel<5>(depth, a_i, a_row, a_k, b + j, b_row, c_i, c_row, tile_cols); break;
-      case 4: MicroKernel<4>(depth, a_i, a_row, a_k, b + j, b_row, c_i, c_row, tile_cols); break;
-      case 3: MicroKernel<3>(depth, a_i, a_row, a_k, b + j, b_row, c_i, c_row, tile_cols); break;
-      case 2: MicroKernel<2>(depth, a_i, a_row, a_k, b + j, b_row, c_i, c_row, tile_cols); break;
-      case 1: MicroKernel<1>(depth, a_i, a_row, a_k, b + j, b_row, c_i, c_row, tile_cols); break;
+      case 5: Tile<5>(depth, a_i, a_row, a_k, b + j, b_row, c_i, c_row, tile_cols); break;
+      case 4: Tile<4>(depth, a_i, a_row, a_k, b + j, b_row, c_i, c_row, tile_cols); break;
+      case 3: Tile<3>(depth, a_i, a_row, a_k, b + j, b_row, c_i, c_row, tile_cols); break;
+      case 2: Tile<2>(depth, a_i, a_row, a_k, b + j, b_row, c_i, c_row, tile_cols); break;
+      case 1: Tile<1>(depth, a_i, a_row, a_k, b + j, b_row, c_i, c_row, tile_cols); break;
       default: break;
     }
   }
@@ -341,10 +353,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
 }
 
 // y = op(a) @ op(b) with OpenBLAS, where op transposes when asked. a is (..., n) taken as a matrix of its leading
-// dimensions' product by n, b a matrix. The rows of op(a) are split over the intra-op pool, one single-threaded
-// sgemm per worker, so OpenBLAS's own threads never compete with XLA's.
-ffi::Error BlasMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y,
-                  bool transpose_a, bool transpose_b) {
+// dimensions' product by n, b a matrix. The rows of op(a) are split over the intra-op pool, single-threaded sgemms
+// on blocks of rows, so OpenBLAS's own threads never compete with XLA's.
+ffi::Error BlasMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                      ffi::ResultBuffer<ffi::F32> y, bool transpose_a, bool transpose_b) {
   const auto a_dims = a.dimensions(), b_dims = b.dimensions();
   if (a_dims.size() < 2 || b_dims.size() != 2)
     return ffi::Error::InvalidArgument("cpu matmul: a must have rank >= 2 and b rank 2");
@@ -361,9 +373,11 @@ ffi::Error BlasMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
     std::fill(y_p, y_p + rows * cols, 0.f);
     return ffi::Error::Success();
   }
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), (rows + 63) / 64));
-  const int64_t block = (rows + workers - 1) / workers;
-  ParallelFor(pool, workers, [=](int64_t w) {
+  // Two blocks of rows per worker (of at least 64 rows each): a worker that starts late, busy with another op, then
+  // takes fewer blocks instead of holding the call up. Each block repacks b, a small cost next to its sgemm.
+  const int64_t blocks = std::clamp<int64_t>(2 * pool.num_threads(), 1, std::max<int64_t>(1, rows / 64));
+  const int64_t block = (rows + blocks - 1) / blocks;
+  ParallelFor(pool, blocks, [=](int64_t w) {
     const int64_t r0 = w * block, n = std::min(rows, r0 + block) - r0;
     if (n <= 0) return;
     const float* a_block = transpose_a ? a_p + r0 : a_p + r0 * a_cols;  // rows of a^T are columns of a

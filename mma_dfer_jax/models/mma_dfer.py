@@ -94,11 +94,12 @@ class LockstepLayer(nn.Module):
     xv, xa = carry
     drop_rate, vision_prompt_update, audio_prompt_update = per_layer
     c = self.model_config
-    block = functools.partial(vit.EncoderBlock, c.num_heads, c.mlp_dim, self.dtype, c.attention_impl,
-                              c.get('matmul_impl', ''))
+    matmul_impl = c.get('matmul_impl', '')  # absent from configs saved before it existed
+    block = functools.partial(vit.EncoderBlock, c.num_heads, c.mlp_dim, self.dtype, c.attention_impl, matmul_impl)
     xv = block(name='vision_block')(xv, drop_rate, self.train)
     xa = block(name='audio_block')(xa, drop_rate, self.train)
-    xv, xa = adapters.FusionAdapter(c.fusion_width, self.num_frames, self.dtype, name='fusion')(xv, xa)
+    fusion = adapters.FusionAdapter(c.fusion_width, self.num_frames, self.dtype, matmul_impl, name='fusion')
+    xv, xa = fusion(xv, xa)
     k = num_prompts(c)
     xv = xv.at[:, -k:].add(vision_prompt_update.astype(xv.dtype))
     xa = xa.at[:, -k:].add(audio_prompt_update.astype(xa.dtype))

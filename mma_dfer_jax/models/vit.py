@@ -42,29 +42,20 @@ def _einsum_attention(qkv: jax.Array) -> jax.Array:
 
 
 def _default_attention_impl(dtype: Dtype) -> str | None:
-  """On CPU the fused kernel (float32) or else the einsum form; elsewhere jax.nn.dot_product_attention's choice."""
+  """On CPU the fused kernel (float32, one device) or else the einsum form; elsewhere dot_product_attention's choice."""
   if jax.default_backend() != 'cpu':
     return None
-  if jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available():
+  if cpu_kernels.suited(dtype) and cpu_kernels.available():
     return 'cpu_fused'
   return 'einsum'
-
-
-def _dense_dot_general(matmul_impl: str, dtype: Dtype):
-  """The matmul of the blocks' Dense layers: OpenBLAS (cpu_kernels) on CPU in float32 unless 'xla' is asked."""
-  if matmul_impl not in ('', 'xla', 'openblas'):
-    raise ValueError(f"model.matmul_impl={matmul_impl!r}: use '' (automatic), 'openblas' or 'xla'")
-  if matmul_impl == 'openblas' or (not matmul_impl and jax.default_backend() == 'cpu'
-                                   and jnp.dtype(dtype) == jnp.float32):
-    return cpu_kernels.dot_general  # itself falls back to XLA where the kernels could not be built
-  return None
 
 
 def resolved_impls(model_config) -> dict[str, str]:
   """What the encoder blocks run on this backend: {'attention': ..., 'matmul': ...} (recorded by the benchmark)."""
   dtype = jnp.dtype(model_config.dtype)
   attention = model_config.attention_impl or _default_attention_impl(dtype) or 'dot_product_attention'
-  uses_blas = _dense_dot_general(model_config.get('matmul_impl', ''), dtype) is not None and cpu_kernels.available()
+  blas = cpu_kernels.dense_dot_general(model_config.get('matmul_impl', ''), dtype) is not None
+  uses_blas = blas and cpu_kernels.available()
   return {'attention': attention, 'matmul': 'openblas' if uses_blas else 'xla'}
 
 
@@ -79,7 +70,7 @@ class Attention(nn.Module):
   def __call__(self, x):
     batch, length, width = x.shape
     head_dim = width // self.num_heads
-    dot_general = _dense_dot_general(self.matmul_impl, self.dtype)
+    dot_general = cpu_kernels.dense_dot_general(self.matmul_impl, self.dtype)
     qkv = nn.Dense(3 * width, dtype=self.dtype, dot_general=dot_general, name='qkv')(x)
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
     impl = self.attention_impl or _default_attention_impl(self.dtype)
@@ -100,7 +91,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dot_general = _dense_dot_general(self.matmul_impl, self.dtype)
+    dot_general = cpu_kernels.dense_dot_general(self.matmul_impl, self.dtype)
     h = nn.Dense(self.hidden_dim, dtype=self.dtype, dot_general=dot_general, name='fc1')(x)
     h = nn.gelu(h, approximate=False)
     return nn.Dense(x.shape[-1], dtype=self.dtype, dot_general=dot_general, name='fc2')(h)
