@@ -82,9 +82,11 @@ def test_without_a_working_compiler_the_model_falls_back_to_einsum(tmp_path):
   assert not list(tmp_path.rglob('*.so'))
 
 
-@pytest.mark.parametrize('x_shape,n', [((2, 7, 33), 20), ((5, 1), 3), ((130, 64), 17)], ids=str)
+@pytest.mark.parametrize('x_shape,n', [((2, 7, 33), 20), ((5, 1), 3), ((130, 64), 17), ((100, 40), 200),
+                                       ((1100, 24), 40)], ids=str)
 def test_matmul_and_its_gradients_match_xla(x_shape, n):
-  """Leading dimensions, one row, one worker per 64 rows, odd sizes; dx and dw (x^T dy) through OpenBLAS too."""
+  """Leading dimensions, one row, odd sizes, blocks of rows and of columns (few rows, many columns); dx and dw
+  (x^T dy) through OpenBLAS too."""
   x = jax.random.normal(jax.random.key(0), x_shape)
   w = jax.random.normal(jax.random.key(1), (x_shape[-1], n))
   dy = jax.random.normal(jax.random.key(2), x_shape[:-1] + (n,))

@@ -353,8 +353,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
 }
 
 // y = op(a) @ op(b) with OpenBLAS, where op transposes when asked. a is (..., n) taken as a matrix of its leading
-// dimensions' product by n, b a matrix. The rows of op(a) are split over the intra-op pool, single-threaded sgemms
-// on blocks of rows, so OpenBLAS's own threads never compete with XLA's.
+// dimensions' product by n, b a matrix. The output is split over the intra-op pool into blocks of rows (or of
+// columns), one single-threaded sgemm each, so OpenBLAS's own threads never compete with XLA's.
 ffi::Error BlasMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                       ffi::ResultBuffer<ffi::F32> y, bool transpose_a, bool transpose_b) {
   const auto a_dims = a.dimensions(), b_dims = b.dimensions();
@@ -373,16 +373,30 @@ ffi::Error BlasMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
     std::fill(y_p, y_p + rows * cols, 0.f);
     return ffi::Error::Success();
   }
-  // Two blocks of rows per worker (of at least 64 rows each): a worker that starts late, busy with another op, then
-  // takes fewer blocks instead of holding the call up. Each block repacks b, a small cost next to its sgemm.
-  const int64_t blocks = std::clamp<int64_t>(2 * pool.num_threads(), 1, std::max<int64_t>(1, rows / 64));
-  const int64_t block = (rows + blocks - 1) / blocks;
+  // Blocks of at least 256 rows, two per worker where there are enough: a worker that starts late, busy with another
+  // op, then takes fewer blocks instead of holding the call up. Each block repacks b, a small cost next to its sgemm
+  // when blocks are tall. With too few rows for one block per worker (the audio tokens), split the columns instead.
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t row_blocks = std::min<int64_t>(2 * workers, rows / 256);
+  const bool by_rows = row_blocks >= workers || cols < 32 * workers;
+  const int64_t blocks = by_rows ? std::max<int64_t>(1, std::max(row_blocks, std::min(workers, rows)))
+                                 : workers;
+  const int64_t extent = by_rows ? rows : cols;
+  const int64_t block = (extent + blocks - 1) / blocks;
+  const int64_t b_row = b_dims[1];
+  const auto trans_a = transpose_a ? CblasTrans : CblasNoTrans, trans_b = transpose_b ? CblasTrans : CblasNoTrans;
   ParallelFor(pool, blocks, [=](int64_t w) {
-    const int64_t r0 = w * block, n = std::min(rows, r0 + block) - r0;
+    const int64_t start = w * block, n = std::min(extent, start + block) - start;
     if (n <= 0) return;
-    const float* a_block = transpose_a ? a_p + r0 : a_p + r0 * a_cols;  // rows of a^T are columns of a
-    scipy_cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans, transpose_b ? CblasTrans : CblasNoTrans,
-                      n, cols, depth, 1.f, a_block, a_cols, b_p, b_dims[1], 0.f, y_p + r0 * cols, cols);
+    if (by_rows) {
+      const float* a_block = transpose_a ? a_p + start : a_p + start * a_cols;  // rows of a^T are columns of a
+      scipy_cblas_sgemm(CblasRowMajor, trans_a, trans_b, n, cols, depth, 1.f, a_block, a_cols, b_p, b_row, 0.f,
+                        y_p + start * cols, cols);
+    } else {
+      const float* b_block = transpose_b ? b_p + start * b_row : b_p + start;  // columns of b^T are rows of b
+      scipy_cblas_sgemm(CblasRowMajor, trans_a, trans_b, rows, n, depth, 1.f, a_p, a_cols, b_block, b_row, 0.f,
+                        y_p + start, cols);
+    }
   });
   return ffi::Error::Success();
 }
