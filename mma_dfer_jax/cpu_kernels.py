@@ -4,8 +4,9 @@
   and no library offers one as a JAX primitive; the einsum form's separate batched matmuls took about a fifth of a
   CPU train step of the paper's model (BENCHMARKS.md). Its custom VJP recomputes the probabilities from q, k and the
   saved log-sum-exp of each score row, flash-attention style.
-- `dot_general`: Flax Dense's matmul through OpenBLAS (the scipy-openblas32 wheel), one single-threaded sgemm per
-  intra-op worker; OpenBLAS ran the encoders' weight matmuls 5-15% faster than XLA:CPU's own on our machine.
+- `dot_general`: Flax Dense's matmul through OpenBLAS (the scipy-openblas32 wheel), single-threaded sgemms on
+  blocks of the output spread over XLA's intra-op pool; in the train step the encoders' weight matmuls ran at
+  174-187 GFLOP/s on 2 cores against 125-153 for XLA:CPU's own (BENCHMARKS.md).
 
 The library is compiled once per machine into a cache folder (MMA_DFER_JAX_CACHE, else ~/.cache/mma_dfer_jax),
 keyed by its source, the compiler, jaxlib's and OpenBLAS's versions and the CPU, and loaded as XLA FFI targets.
@@ -87,14 +88,14 @@ def _build(compiler: str, target: Path) -> None:
 
 @functools.cache
 def _load() -> str | None:
-  """Builds (once per machine) and registers the kernel; returns None when ready, else why it is not."""
+  """Builds (once per machine) and registers the kernels; returns None when ready, else why they are not."""
   compiler = _compiler()
   if compiler is None:
     return 'no C++ compiler found (set CXX, or install g++)'
   try:
     library_path = _library_path(compiler)
     if not library_path.exists():
-      logging.info('Building the fused CPU attention kernel with %s into %s', compiler, library_path)
+      logging.info('Building the CPU kernels (attention, OpenBLAS matmul) with %s into %s', compiler, library_path)
       _build(compiler, library_path)
     library = ctypes.cdll.LoadLibrary(str(library_path))
     jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.MmaDferAttentionForward), platform='cpu')
@@ -107,7 +108,7 @@ def _load() -> str | None:
 
 
 def available() -> bool:
-  """Whether the kernel is built and registered; logs the reason once where it cannot be."""
+  """Whether the kernels are built and registered; logs the reason once where they cannot be."""
   reason = _load()
   if reason is not None:
     _warn_unavailable(reason)
@@ -197,9 +198,17 @@ def dense_dot_general(matmul_impl: str, dtype):
   None (Flax's default, XLA's dot)."""
   if matmul_impl not in ('', 'xla', 'openblas'):
     raise ValueError(f"model.matmul_impl={matmul_impl!r}: use '' (automatic), 'openblas' or 'xla'")
+  require_cpu('model.matmul_impl', matmul_impl, 'openblas')
   if matmul_impl == 'openblas' or (not matmul_impl and suited(dtype)):
     return dot_general  # itself falls back to XLA where the kernels could not be built
   return None
+
+
+def require_cpu(setting: str, value: str, cpu_only_value: str) -> None:
+  """A clear error for a CPU kernel asked for on another backend (it would fail later, deep in XLA's compiler)."""
+  if value == cpu_only_value and jax.default_backend() != 'cpu':
+    raise ValueError(f'{setting}={value!r} runs on CPU only, and JAX is on {jax.default_backend()}: leave it empty '
+                     '(the default picks per backend)')
 
 
 def suited(dtype) -> bool:

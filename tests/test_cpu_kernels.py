@@ -142,3 +142,12 @@ def test_a_mesh_of_several_devices_keeps_xlas_own_ops():
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
   result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, check=True)
   assert result.stdout.strip() == "{'attention': 'einsum', 'matmul': 'xla'}"
+
+
+def test_cpu_kernels_asked_for_on_another_backend_are_a_clear_error(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(ValueError, match="model.matmul_impl='openblas' runs on CPU only"):
+    cpu_kernels.dense_dot_general('openblas', jnp.float32)
+  with pytest.raises(ValueError, match="model.attention_impl='cpu_fused' runs on CPU only"):
+    vit.Attention(2, attention_impl='cpu_fused', matmul_impl='xla').init(jax.random.key(0), jnp.ones((1, 3, 8)))
+  assert cpu_kernels.dense_dot_general('', jnp.float32) is None   # the default simply picks XLA there

@@ -74,6 +74,7 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * width, dtype=self.dtype, dot_general=dot_general, name='qkv')(x)
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
     impl = self.attention_impl or _default_attention_impl(self.dtype)
+    cpu_kernels.require_cpu('model.attention_impl', impl, 'cpu_fused')
     if impl == 'cpu_fused':
       out = cpu_kernels.attention(qkv.astype(jnp.float32)).astype(qkv.dtype)
     elif impl == 'einsum':
