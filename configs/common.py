@@ -36,8 +36,8 @@ def model_config(num_classes: int) -> ml_collections.ConfigDict:
   m.scan_unroll = 1              # unroll factor of the scan over the lockstep layers
   m.attention_impl = ''          # '' = on CPU the fused kernel of cpu_kernels (float32) or einsum, elsewhere
                                  # jax.nn.dot_product_attention's choice; 'cpu_fused', 'einsum', 'xla' or 'cudnn'
-  m.matmul_impl = ''             # the encoder blocks' Dense matmuls: '' = OpenBLAS (cpu_kernels) on CPU in float32,
-                                 # XLA elsewhere; 'xla' or 'openblas' to force one
+  m.matmul_impl = ''             # the encoder blocks' and adapters' Dense matmuls: '' = OpenBLAS (cpu_kernels) on
+                                 # one CPU device in float32, XLA elsewhere; 'xla' or 'openblas' to force one
   return m
 
 

@@ -173,9 +173,10 @@ def _matmul_forward(x, w):
 
 def _matmul_backward(residuals, dy):
   x, w = residuals
-  dx = _matmul_call(dy, w, False, True)                         # dy @ w^T
-  dw = _matmul_call(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), True, False)  # x^T @ dy; dead
-  return dx, dw                                                 # code (removed by XLA) for a frozen w
+  dx = _matmul_call(dy, w, False, True)  # dy @ w^T
+  # x^T @ dy: for a frozen w nothing reads it, and XLA removes the call.
+  dw = _matmul_call(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), True, False)
+  return dx, dw
 
 
 matmul.defvjp(_matmul_forward, _matmul_backward)
