@@ -81,10 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1               # devices on the 'data' axis (-1: all)
 
-  # XLA:CPU only, opt-in: glibc keeps freed memory for reuse, so each step's temporary buffer is not page-faulted in
-  # anew (5-12% faster steps at batch 1). Off by default: at batch 8 the heap fragmented and grew past 24 GB (OOM);
-  # mma_dfer_jax/host_memory.py, BENCHMARKS.md.
-  c.cpu_keep_freed_memory = False
+  # XLA:CPU only: glibc keeps freed memory for reuse, so each step's temporary buffer is not page-faulted in anew
+  # (5-12% faster steps at batch 1), where the machine has room for 2.5x the process's peak after the first step,
+  # and with a guard that hands memory back if the heap grows; mma_dfer_jax/host_memory.py, BENCHMARKS.md.
+  c.cpu_keep_freed_memory = True
 
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2

@@ -16,7 +16,6 @@ steps after `--warmup` untimed ones, each blocking on its results. FLOPs:
   and the device's peak (null where the peak is unknown, e.g. CPU); `hfu` the same with XLA's count.
 """
 import json
-import resource
 import sys
 import time
 
@@ -149,7 +148,7 @@ def _unrolled_flops(config, mode, state, batch, rng, mesh):
 
 def _memory(compiled, devices):
   """(peak bytes, source, details): the device allocator's peak where it has one, else XLA's memory analysis."""
-  details = {'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+  details = {'max_rss_bytes': host_memory.peak_resident_bytes()}
   try:
     analysis = compiled.memory_analysis()
   except Exception:  # noqa: BLE001  (not every backend implements it)
@@ -170,11 +169,18 @@ def _memory(compiled, devices):
   return details['max_rss_bytes'], 'process_max_rss', details
 
 
-def _time_steps(step, state, batches, rngs, steps, warmup, reference=None):
+def _temp_bytes(compiled) -> int:
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001  (not every backend implements it)
+    return 0
+
+
+def _time_steps(step, state, batches, rngs, steps, warmup, reference=None, memory_keeper=None):
   """Median seconds per step; `batches` is a callable giving the next global batch (timed with the step).
 
   With a `reference_timing.ReferenceStepper`, one reference step follows each of ours; its times go to
-  `reference.times`.
+  `reference.times`. A `host_memory.StepMemoryKeeper` sees every step, as in training.
   """
   times, waits = [], []
   if reference is not None:
@@ -190,6 +196,8 @@ def _time_steps(step, state, batches, rngs, steps, warmup, reference=None):
     if i >= warmup:
       times.append(time.perf_counter() - started)
       waits.append(fetched - started)
+    if memory_keeper is not None:
+      memory_keeper.after_step()
     if reference is not None:
       seconds = reference.step()
       if i >= warmup:
@@ -229,7 +237,8 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
     raise ValueError(f'mode={mode!r}: use train or eval')
   if reference is not None and mode != 'train':
     raise ValueError('the reference recipe is timed against the train step only (--mode train)')
-  keeps_freed_memory = host_memory.configure(config)  # before the first JAX call starts the CPU client
+  host_memory.configure(config)  # before the first JAX call starts the CPU client
+  memory_keeper = host_memory.step_keeper()
   c = config.model
   mesh = sharding.make_mesh(config)
   batch_size = config.batch_size if mode == 'train' else config.get('eval_batch_size', config.batch_size)
@@ -263,7 +272,9 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
     flops, flops_source = _unrolled_flops(config, mode, state, batch, rng, mesh), 'lowered_unrolled'
   analytic = analytic_flops(c, batch_size, train_mode=mode == 'train')
 
-  state, step_time, _, times = _time_steps(compiled, state, lambda: batch, rngs, steps, warmup, reference)
+  memory_keeper.before_first_step(_temp_bytes(compiled))
+  state, step_time, _, times = _time_steps(compiled, state, lambda: batch, rngs, steps, warmup, reference,
+                                           memory_keeper)
   devices = mesh.devices.flatten().tolist()
   peak_mem, mem_source, mem_details = _memory(compiled, devices)
   peak = peak_flops_per_device(devices[0], c.dtype)
@@ -299,7 +310,8 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
       'warmup': warmup,
       'step_times_s': times,
       'jax_version': jax.__version__,
-      'cpu_keep_freed_memory': keeps_freed_memory,
+      'cpu_keep_freed_memory': memory_keeper.active,
+      'cpu_freed_memory_trims': memory_keeper.trims,
   }
   if reference is not None:
     reference_time = float(np.median(reference.times))

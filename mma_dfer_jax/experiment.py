@@ -20,6 +20,7 @@ from absl import logging
 
 from mma_dfer_jax import checkpoint
 from mma_dfer_jax import convert
+from mma_dfer_jax import host_memory
 from mma_dfer_jax import input_pipeline
 from mma_dfer_jax import labels as labels_lib
 from mma_dfer_jax import metrics as metrics_lib
@@ -243,6 +244,7 @@ def train_and_evaluate(config, workdir) -> dict:
     say(f'Resumed from {workdir} at step {latest} (epoch {latest // steps_per_epoch + 1})')
   state = jax.device_put(state, sharding.state_sharding(state, mesh))
   train_step, eval_step = compiled_steps(state, mesh)
+  memory_keeper = host_memory.step_keeper()  # XLA:CPU: reuse freed host memory where there is room (launch.py)
   writers = _Writers(workdir, class_names)
   stop = _StopRequest()
   say(f'{config.dataset} fold {config.fold}: {steps_per_epoch} steps/epoch x {config.num_epochs} epochs, '
@@ -270,6 +272,9 @@ def train_and_evaluate(config, workdir) -> dict:
       while step < end:
         batch = sharding.global_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
+        if memory_keeper.needs_finished_step:
+          jax.block_until_ready(metrics)  # the keeper's first decision reads the finished step's peak memory
+        memory_keeper.after_step()
         pending.append(metrics['loss'])
         step += 1
         clips += config.batch_size
