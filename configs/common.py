@@ -82,8 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1               # devices on the 'data' axis (-1: all)
 
   # XLA:CPU only: glibc keeps freed memory for reuse, so each step's temporary buffer is not page-faulted in anew
-  # (5-12% faster steps at batch 1), where the machine has room for 2.5x the process's peak after the first step,
-  # and with a guard that hands memory back if the heap grows; mma_dfer_jax/host_memory.py, BENCHMARKS.md.
+  # (5-12% faster steps at batch 1), where the machine has room for it after the first step (two step buffers and a
+  # third's margin), with a guard that hands memory back if the heap grows; mma_dfer_jax/host_memory.py, BENCHMARKS.md.
   c.cpu_keep_freed_memory = True
 
   c.checkpoint_every_steps = 500

@@ -13,10 +13,14 @@ two stages, with a guard:
 1. `configure(config)`, before JAX starts its CPU client: every thread allocates from glibc's main heap
    (`M_ARENA_MAX=1`; a thread with an arena of its own would map large blocks afresh whatever the later settings).
    Nothing is kept yet.
-2. `StepMemoryKeeper.after_step()`, after each train step. After the first one it decides: it keeps freed memory
-   only where the machine has room for 2.5x the process's peak so far (its memory available plus what the process
-   holds). Afterwards, when the resident memory grows past 1.25x that peak (a fragmenting heap), it hands the freed
-   pages back (`malloc_trim`); after three such trims it stops keeping freed memory altogether.
+2. `StepMemoryKeeper.after_step()`, after each train step. After the first one it decides, from the process's
+   peak so far and what it holds between steps (the difference is about one step's buffer). glibc's heap can end up
+   holding two step buffers: the freed one, once a small allocation has taken its first bytes, no longer fits the
+   next step's, which is then placed beside it (seen at batch 2: 5.8 GB after the first step, 9.3 GB from the
+   second on, then stable). So the resident limit is the peak plus 1.1 buffers, and freed memory is kept only where
+   the machine has room for that limit plus one more buffer (which a step may take before the check after it).
+   When the resident memory grows past the limit, the freed pages are handed back (`malloc_trim`); after three
+   such hand-backs freed memory is no longer kept.
 
 Hand-written because `mallopt` and `malloc_trim` are glibc's own interface and no Python library wraps them; they
 are called through ctypes. Elsewhere (macOS, musl) this does nothing.
@@ -41,9 +45,8 @@ _NEVER = -1                        # for M_TRIM_THRESHOLD: never give freed memo
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
 
-ROOM_FACTOR = 2.5    # keep only where the machine holds this many times the process's peak after the first step
-GROWTH_FACTOR = 1.25  # resident memory past this times that peak: freed pages are handed back
-MAX_TRIMS = 3         # after this many hand-backs, stop keeping freed memory
+SECOND_BUFFER = 1.1  # the resident limit: the peak plus this many step buffers
+MAX_TRIMS = 3        # after this many hand-backs, stop keeping freed memory
 
 
 def _glibc():
@@ -171,11 +174,14 @@ class StepMemoryKeeper:
     self.decided = True
     resident, available = self.read_resident(), self.read_available()
     peak = max(self.read_peak(), resident + step_bytes)
-    if ROOM_FACTOR * peak > available + resident:
-      logging.info('Not keeping freed host memory: %.1f GB peak, %.1f GB available', peak / 1e9, available / 1e9)
+    step_buffer = peak - resident
+    limit = int(peak + SECOND_BUFFER * step_buffer)
+    if limit + step_buffer > resident + available:
+      logging.info('Not keeping freed host memory: %.1f GB peak, %.1f GB between steps, %.1f GB available',
+                   peak / 1e9, resident / 1e9, available / 1e9)
       return
     self.active = self.keep(True)
-    self.limit_bytes = int(GROWTH_FACTOR * peak)
+    self.limit_bytes = limit
 
   def _trim(self) -> None:
     self.trims += 1

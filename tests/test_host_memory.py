@@ -96,14 +96,15 @@ class _Machine:
 
 
 def test_keeper_keeps_freed_memory_where_there_is_room():
-  machine = _Machine(peak=4 * GB, resident=2 * GB, available=18 * GB)
+  machine = _Machine(peak=6 * GB, resident=2 * GB, available=18 * GB)  # a 4 GB step buffer
   keeper = machine.keeper()
   assert keeper.needs_finished_step
   keeper.after_step()
   assert keeper.active and machine.calls == [('keep', True)] and not keeper.needs_finished_step
-  assert keeper.limit_bytes == 5 * GB
-  machine.resident = 4.5 * GB   # the kept step buffer: no hand-back
-  keeper.after_step()
+  assert keeper.limit_bytes == int(6 * GB + 1.1 * 4 * GB)
+  for resident in (6 * GB, 10 * GB):  # one kept buffer, then two (a heap that placed the next one beside it)
+    machine.resident = resident
+    keeper.after_step()
   assert machine.calls == [('keep', True)] and keeper.trims == 0
 
 
@@ -118,18 +119,18 @@ def test_keeper_does_not_keep_where_there_is_no_room():
 def test_keeper_counts_the_step_before_it_runs():
   machine = _Machine(peak=1 * GB, resident=1 * GB, available=12 * GB)
   keeper = machine.keeper()
-  keeper.before_first_step(step_bytes=5 * GB)    # 2.5 x (1 + 5) GB > 12 + 1 GB
+  keeper.before_first_step(step_bytes=4 * GB)    # 5 + 4.4 GB limit, + 4 GB > 1 + 12 GB
   assert keeper.decided and not keeper.active
   keeper = machine.keeper()
-  keeper.before_first_step(step_bytes=2 * GB)    # 2.5 x 3 GB <= 13 GB
-  assert keeper.active and keeper.limit_bytes == 3.75 * GB
+  keeper.before_first_step(step_bytes=3 * GB)    # 4 + 3.3 GB limit, + 3 GB <= 13 GB
+  assert keeper.active and keeper.limit_bytes == int(4 * GB + 1.1 * 3 * GB)
 
 
 def test_keeper_hands_memory_back_when_the_heap_grows_and_stops_after_three_times():
   machine = _Machine(peak=4 * GB, resident=2 * GB, available=18 * GB)
   keeper = machine.keeper()
   keeper.after_step()
-  machine.resident = 6 * GB   # past 1.25 x 4 GB
+  machine.resident = 7 * GB   # past 4 + 1.1 x 2 GB
   keeper.after_step()
   keeper.after_step()
   assert keeper.active and keeper.trims == 2 and machine.calls[1:] == [('release',), ('release',)]
