@@ -49,6 +49,7 @@ SECOND_BUFFER = 1.1  # the resident limit: the peak plus this many step buffers
 MAX_TRIMS = 3        # after this many hand-backs, stop keeping freed memory
 
 
+@functools.cache
 def _glibc():
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return None
@@ -167,8 +168,10 @@ class StepMemoryKeeper:
       return
     if not self.decided:
       self._decide()
-    elif self.active and self.read_resident() > self.limit_bytes:
-      self._trim()
+    elif self.active:
+      resident = self.read_resident()
+      if resident > self.limit_bytes:
+        self._trim(resident)
 
   def _decide(self, step_bytes: int = 0) -> None:
     self.decided = True
@@ -183,9 +186,8 @@ class StepMemoryKeeper:
     self.active = self.keep(True)
     self.limit_bytes = limit
 
-  def _trim(self) -> None:
+  def _trim(self, resident: int) -> None:
     self.trims += 1
-    resident = self.read_resident()
     self.release()
     if self.trims >= MAX_TRIMS:
       self.keep(False)
