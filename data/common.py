@@ -9,7 +9,8 @@ A dataset is built one fold at a time: builder config `fold<k>` writes the split
   label       int, 0-based in the order of mma_dfer_jax/labels.py
   id          the clip folder's name (e.g. '00001')
   has_audio   False where the silent fbank stands in
-  num_frames  len(frames)
+  num_frames  the frame count the pipeline samples over: len(frames), except where the reference's lists say
+              otherwise (MAFW: len(frames) - 1, see data/mafw/README.md)
 
 Bad input does not stop a build: a clip without frames or with a frame that does not decode is left out; a clip
 without audio gets the silent fbank. Both are counted, logged and listed in the dataset's metadata
@@ -77,15 +78,54 @@ def require_dir(candidates: Sequence[Path], what: str, hint: str = '') -> Path:
   return found
 
 
-def index_files(folders: Sequence[Path], suffixes: Sequence[str]) -> Dict[str, Path]:
-  """{stem: path} of the files with one of suffixes in the existing folders (first folder wins)."""
+def index_files(folders: Sequence[Path], suffixes: Sequence[str], recursive: bool = False) -> Dict[str, Path]:
+  """{stem: path} of the files with one of suffixes in the existing folders (first folder wins), also in their
+  subfolders when recursive (DFEW's `original/part_<k>/<n>.mp4`); one stem in two subfolders of a folder is an
+  error naming both."""
   index = {}
   for folder in folders:
     if not folder.is_dir():
       continue
-    for entry in sorted(folder.iterdir()):
-      if entry.suffix.lower() in suffixes and not entry.name.startswith('.'):
-        index.setdefault(entry.stem, entry)
+    found = {}
+    for entry in sorted(folder.rglob('*') if recursive else folder.iterdir()):
+      if entry.suffix.lower() not in suffixes or entry.name.startswith('.') or not entry.is_file():
+        continue
+      if entry.stem in found:
+        raise AnnotationError(f'{found[entry.stem]} and {entry} have the same name: keep one of them')
+      found[entry.stem] = entry
+    for stem, entry in found.items():
+      index.setdefault(stem, entry)
+  return index
+
+
+def find_clip_folders(roots: Sequence[Path], name_pattern: str = r'\d{5}', max_depth: int = 3) -> Dict[str, Path]:
+  """{clip id: folder} of the clip folders (names matching name_pattern) under the existing roots, whether they lie
+  directly in a root or in part folders below it (DFEW unpacks as `clip_224x224/clip_224x224_part_<k>/00001/`).
+  A clip folder is not searched further; the first root that holds an id wins; an id twice under one root is an
+  error naming both folders."""
+  pattern = re.compile(name_pattern)
+  index = {}
+  for root in roots:
+    if not root.is_dir():
+      continue
+    found = {}
+    level = [root]
+    for _ in range(max_depth):
+      below = []
+      for folder in level:
+        for entry in sorted(folder.iterdir()):
+          if not entry.is_dir() or entry.name.startswith('.'):
+            continue
+          if pattern.fullmatch(entry.name):
+            if entry.name in found:
+              raise AnnotationError(f'clip {entry.name} is in two folders, {found[entry.name]} and {entry}: keep '
+                                    'one of them')
+            found[entry.name] = entry
+          else:
+            below.append(entry)
+      level = below
+    for name, folder in found.items():
+      index.setdefault(name, folder)
   return index
 
 
@@ -293,6 +333,11 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def list_clips(self, manual_dir: Path, fold: int, split: str) -> List[Clip]:
     raise NotImplementedError
 
+  def sampling_frame_count(self, num_files: int) -> int:
+    """The `num_frames` stored with a clip of num_files frame files, which the pipeline samples over (the
+    reference's annotation lists give it; for DFEW it is the file count)."""
+    return num_files
+
   def _info(self) -> tfds.core.DatasetInfo:
     features = tfds.features.FeaturesDict({
         'frames': tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
@@ -329,7 +374,8 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if prepared.mixed_sizes:
         report['mixed_frame_sizes'].append(prepared.id)
       report['stored'] += 1
-      yield prepared.id, prepared.example
+      example = dict(prepared.example, num_frames=self.sampling_frame_count(len(prepared.example['frames'])))
+      yield prepared.id, example
     self.info.metadata[split] = report
     log.warning('%s %s: %d clips stored, %d left out, %d with silent audio, %d with frames of mixed sizes',
                 self.name, split, report['stored'], len(report['excluded']), len(report['silent_audio']),
@@ -413,12 +459,13 @@ def main(builder_cls, dataset: str, argv=None) -> int:
   return 0
 
 
-def resolve_listed(listed: str, frames_root: Optional[Path]) -> Path:
-  """A reference list's clip folder on this machine: `<frames_root>/<its name>` when that exists, else the path
-  as listed when that exists, else `<frames_root>/<its name>` (reported as missing at build time)."""
+def resolve_listed(listed: str, clip_folders: Dict[str, Path], frames_root: Optional[Path]) -> Path:
+  """A reference list's clip folder on this machine: the folder of that name found in manual_dir (clip_folders)
+  when there is one, else the path as listed when that exists, else `<frames_root>/<its name>` (reported as
+  missing at build time)."""
   name = clip_name(listed)
-  if frames_root is not None and (frames_root / name).is_dir():
-    return frames_root / name
+  if name in clip_folders:
+    return clip_folders[name]
   if Path(listed).is_dir():
     return Path(listed)
   return (frames_root / name) if frames_root is not None else Path(listed)

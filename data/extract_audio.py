@@ -1,12 +1,14 @@
 """Extract the audio track of every video in a folder to wav, as the reference's mp42wav.sh did with ffmpeg.
 
-  python data/extract_audio.py --src DFEW/Clip/original --dst DFEW/raw_wav [--workers 2] [--recursive]
+  python data/extract_audio.py --src DFEW/Clip/original --dst DFEW/Clip/raw_wav [--workers 2] [--flat]
 
-Each `<name>.<ext>` becomes `<dst>/<name>.wav`: PCM16 at the track's own sample rate and channels (no resampling
-or down-mixing: the features are computed from the wav as it is). Runs in a process pool with a progress bar and
-resumes: a wav that exists is complete (each is written under a temporary name, then renamed) and is skipped.
-Clips without an audio track are counted, listed in `<dst>/no_audio.txt`, and are not an error (the dataset gives
-them the silent fbank); clips that cannot be decoded are listed in `<dst>/failed.txt`.
+Videos are found in `--src` and its subfolders (DFEW's originals unpack as `original/part_<k>/<n>.mp4`; `--flat`
+looks only in `--src` itself); their names must be unique. Each `<name>.<ext>` becomes `<dst>/<name>.wav`: PCM16 at
+the track's own sample rate and channels (no resampling or down-mixing: the features are computed from the wav as
+it is). Runs in a process pool with a progress bar and resumes: a wav that exists is complete (each is written
+under a temporary name, then renamed) and is skipped. Clips without an audio track are counted, listed in
+`<dst>/no_audio.txt`, and are not an error (the dataset gives them the silent fbank); clips that cannot be decoded
+are listed in `<dst>/failed.txt`. A `--src` without any video is an error (exit 2), not an empty success.
 """
 import argparse
 import multiprocessing
@@ -24,7 +26,7 @@ NO_AUDIO_LIST = 'no_audio.txt'
 FAILED_LIST = 'failed.txt'
 
 
-def find_videos(src: Path, recursive: bool = False):
+def find_videos(src: Path, recursive: bool = True):
   pattern = '**/*' if recursive else '*'
   return sorted(p for p in src.glob(pattern) if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
 
@@ -45,13 +47,16 @@ def _extract_one(job):
   return ('done' if wrote else 'no_audio'), video_path, ''
 
 
-def extract_folder(src, dst, workers: int = 2, recursive: bool = False, progress: bool = True) -> dict:
+def extract_folder(src, dst, workers: int = 2, recursive: bool = True, progress: bool = True) -> dict:
   """Extracts every video under `src` to `dst`; returns the counts and the clips without audio / that failed."""
   src, dst = Path(src), Path(dst)
   if not src.is_dir():
     raise NotADirectoryError(f'{src}: no such folder of videos (--src)')
-  dst.mkdir(parents=True, exist_ok=True)
   videos = find_videos(src, recursive)
+  if not videos:
+    where = 'in it or its subfolders' if recursive else 'in it (without --flat its subfolders are searched too)'
+    raise ValueError(f'--src {src}: no video files ({", ".join(VIDEO_EXTENSIONS)}) {where}')
+  dst.mkdir(parents=True, exist_ok=True)
   names = {}
   for v in videos:
     if v.stem in names:
@@ -88,10 +93,11 @@ def main(argv=None) -> int:
   parser.add_argument('--src', required=True, help='folder of video clips')
   parser.add_argument('--dst', required=True, help='folder for the wav files')
   parser.add_argument('--workers', type=int, default=max(1, multiprocessing.cpu_count()), help='processes')
-  parser.add_argument('--recursive', action='store_true', help='also look in subfolders (names must stay unique)')
+  parser.add_argument('--flat', action='store_true', help='look only in --src itself, not in its subfolders')
+  parser.add_argument('--recursive', action='store_true', help=argparse.SUPPRESS)  # the default now; kept for old scripts
   args = parser.parse_args(argv)
   try:
-    summary = extract_folder(args.src, args.dst, args.workers, args.recursive)
+    summary = extract_folder(args.src, args.dst, args.workers, not args.flat)
   except (NotADirectoryError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -23,6 +23,9 @@ from mma_dfer_jax import synthetic
 from mma_dfer_jax.frames import frame_indices  # noqa: F401  (contract: input_pipeline.frame_indices)
 
 DATASETS = ('dfew', 'mafw', 'synthetic')
+# Builds older than these hold data the reference would not see: MAFW 1.0.0 labelled the classes in MAFW's own
+# order (wrong for the released models) and sampled over every frame file (the reference: one less).
+OLDEST_BUILD = {'mafw': (2, 0, 0)}
 SPLITS = ('train', 'test')
 FRAMES_KEYS = ('frames', 'images')
 
@@ -83,6 +86,10 @@ def get_source(config, split: str):
   if built is None:
     raise DatasetError(f'data_dir={config.data_dir}: no built {config.dataset} dataset there. Build it first: '
                        f'{build_command}')
+  oldest = OLDEST_BUILD.get(config.dataset)
+  if oldest and _version_key(built)[0] < oldest:
+    raise DatasetError(f'{built} was built by an older version of this project (wrong class order); rebuild it '
+                       f'into a new data_dir: {build_command}')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder_from_directory(str(built))
   if name not in builder.info.splits:
@@ -99,6 +106,13 @@ def _record_frames(record):
     if key in record:
       return list(record[key])
   raise DatasetError(f'record {record.get("id")!r} has no frames (expected one of {FRAMES_KEYS})')
+
+
+def sampling_count(record, num_files: int) -> int:
+  """The frame count a clip's frames are sampled over: the record's `num_frames` (the reference's count: MAFW's is
+  one less than its files), within 1..num_files; the number of files where a record has none."""
+  listed = record.get('num_frames') if hasattr(record, 'get') else None
+  return num_files if listed is None else min(max(int(listed), 1), num_files)
 
 
 def _fbank(record, audio_frames):
@@ -146,7 +160,7 @@ def train_example(record, rng: np.random.Generator, config) -> dict:
   """The reference's training sample: a random frame per segment, one augmentation for the whole clip."""
   c = config.model
   encoded = _record_frames(record)
-  picked = frames_lib.frame_indices(len(encoded), True, rng, c.num_frames)
+  picked = frames_lib.frame_indices(sampling_count(record, len(encoded)), True, rng, c.num_frames)
   frames = decode_picked(encoded, picked)
   if config.input.augment:
     video = stack_for_crop(frames)
@@ -161,7 +175,7 @@ def test_example(record, config) -> dict:
   """Segment centres, resized to img x img."""
   c = config.model
   encoded = _record_frames(record)
-  picked = frames_lib.frame_indices(len(encoded), False, None, c.num_frames)
+  picked = frames_lib.frame_indices(sampling_count(record, len(encoded)), False, None, c.num_frames)
   video = resize_each(decode_picked(encoded, picked), c.img_size)
   return {'video': video, 'audio': _fbank(record, c.audio_frames), 'label': np.int32(record['label'])}
 

@@ -1,14 +1,21 @@
-"""Class names of each dataset, in the label order the reference's annotation lists use (labels from 0)."""
+"""Class names of each dataset, in the label order of the reference's annotation lists (labels from 0).
+
+DFEW: the official labels 1..7 minus one. MAFW: the reference's own order (the header comment of its
+`annotation/preprocessing.py`, the same as DFER-CLIP's `class_names_11`), which is NOT the order of MAFW's class
+list (anger, disgust, fear, ...); the MAFW builder maps the class names of the official split files onto it, so the
+released MAFW models' outputs read with these names.
+"""
 
 DFEW_CLASSES = ('happiness', 'sadness', 'neutral', 'anger', 'surprise', 'disgust', 'fear')
-MAFW_CLASSES = ('anger', 'disgust', 'fear', 'happiness', 'neutral', 'sadness', 'surprise', 'contempt', 'anxiety',
+MAFW_CLASSES = ('happiness', 'sadness', 'neutral', 'anger', 'surprise', 'disgust', 'fear', 'contempt', 'anxiety',
                 'helplessness', 'disappointment')
 
 _BY_DATASET = {'dfew': DFEW_CLASSES, 'mafw': MAFW_CLASSES}
 
 
 def class_names(dataset: str, num_classes: int) -> tuple:
-  """Names for `num_classes` labels; the synthetic set (or any other count) gets 'class_<k>'."""
+  """Names for `num_classes` labels: the dataset's own; the synthetic set borrows DFEW's first names (up to 7
+  classes); any other dataset or count gets 'class_<k>'."""
   names = _BY_DATASET.get(dataset)
   if names is not None and len(names) == num_classes:
     return names

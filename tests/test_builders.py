@@ -7,16 +7,20 @@ import cv2
 import numpy as np
 import pytest
 import soundfile
+from conftest import FIXTURES
+from conftest import require_fixture
 
 from configs import dfew as dfew_config
 from configs import mafw as mafw_config
 from data import common
+from data import extract_audio
 from data.dfew import dfew_dataset_builder as dfew
 from data.mafw import mafw_dataset_builder as mafw
 from mma_dfer_jax import audio as audio_lib
 from mma_dfer_jax import input_pipeline
+from mma_dfer_jax import labels
 
-FIXTURE_VIDEO = Path('/work/shared/fixtures/audio/clip_face_speech.mp4')
+FIXTURE_VIDEO = FIXTURES / 'audio' / 'clip_face_speech.mp4'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,13 +192,14 @@ def test_rebuild_reuses_a_complete_fold_and_clears_an_interrupted_one(built_dfew
 
 def test_mafw_fold_reads_back_and_eval_covers_each_clip_once(built_mafw):
   _, out, version_dir = built_mafw
-  assert version_dir == out / 'mafw' / 'fold1' / '1.0.0'
+  assert version_dir == out / 'mafw' / 'fold1' / '2.0.0'
   config = tiny_config(mafw_config, out)
   batches = list(input_pipeline.create_train_iterator(config))
   assert len(batches) == 3 and all(b['video'].shape == (2, 16, 32, 32, 3) for b in batches)
-  assert sorted(int(l) for b in batches for l in b['label']) == [0, 2, 4, 5, 7, 10]
+  # The reference's indices: anger 3, disappointment 10, neutral 2, contempt 7, fear 6, sadness 1.
+  assert sorted(int(l) for b in batches for l in b['label']) == [1, 2, 3, 6, 7, 10]
   seen, size = eval_ids_and_labels(config)
-  assert size == 3 and seen == {'00007': 3, '00008': 8, '00009': 6}
+  assert size == 3 and seen == {'00007': 0, '00008': 8, '00009': 4}  # happiness, anxiety, surprise
 
 
 def test_mafw_clip_without_audio_gets_the_silent_fbank(built_mafw):
@@ -311,11 +316,11 @@ def test_package_build_function_and_tfds_build_command(tmp_path):
   from data import tfds_build  # pylint: disable=import-outside-toplevel
   manual = make_mafw(tmp_path / 'MAFW')
   built = data.mafw.build(manual, tmp_path / 'a', folds=[1])
-  assert built == {1: tmp_path / 'a' / 'mafw' / 'fold1' / '1.0.0'}
+  assert built == {1: tmp_path / 'a' / 'mafw' / 'fold1' / '2.0.0'}
   root = Path(__file__).resolve().parents[1]
   assert tfds_build.main([str(root / 'data' / 'mafw'), '--manual_dir', str(manual), '--data_dir',
                           str(tmp_path / 'b'), '--config', 'fold1']) == 0
-  files = sorted(p.name for p in (tmp_path / 'b' / 'mafw' / 'fold1' / '1.0.0').iterdir())
+  files = sorted(p.name for p in (tmp_path / 'b' / 'mafw' / 'fold1' / '2.0.0').iterdir())
   assert 'mafw-fold1_train.array_record-00000-of-00001' in files and 'metadata.json' in files
   for data_dir in ('a', 'b'):
     source = input_pipeline.get_source(tiny_config(mafw_config, tmp_path / data_dir), 'test')
@@ -339,3 +344,187 @@ def test_fbanks_are_cached_for_the_other_folds(tmp_path):
   source = input_pipeline.get_source(config, 'test')
   record = next(source[i] for i in range(len(source)) if _text(source[i]['id']) == '00008')
   np.testing.assert_array_equal(record['fbank'], marker)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The owners' layouts give the reference's data: MAFW's label order and frame count, DFEW's part folders and audio.
+
+# The reference's MAFW indices (the header comment of its annotation/preprocessing.py), written out here rather
+# than read from labels.py so that a wrong order there fails.
+REFERENCE_MAFW = {'happiness': 0, 'sadness': 1, 'neutral': 2, 'anger': 3, 'surprise': 4, 'disgust': 5, 'fear': 6,
+                  'contempt': 7, 'anxiety': 8, 'helplessness': 9, 'disappointment': 10}
+
+
+def make_mafw_all_classes(root: Path) -> Path:
+  """One train clip per MAFW class (names in MAFW's alphabetical-like order, mixed case), 3 test clips."""
+  names = ['Anger', 'disgust', 'FEAR', 'happiness', 'neutral', 'sadness', 'surprise', 'contempt', 'anxiety',
+           'helplessness', 'disappointment']
+  lines = []
+  for k, name in enumerate(names):
+    clip_id = f'{k + 1:05d}'
+    write_frames(root / 'clips_faces' / clip_id, 6, k)
+    write_tone(root / 'clips_wav' / f'{clip_id}.wav', 100.0 + 20 * k)
+    lines.append(f'{clip_id}.mp4 {name}')
+  for k in range(3):
+    write_frames(root / 'clips_faces' / f'{20 + k:05d}', 6, 50 + k)
+  sets = root / 'Train & Test Set' / 'single' / 'no_caption' / 'set_1'
+  write_text(sets / 'train.txt', '\n'.join(lines) + '\n')
+  write_text(sets / 'test.txt', '00020.mp4 happiness\n00021.mp4 Disappointment\n00022.mp4 anger\n')
+  return root, dict(zip((f'{k + 1:05d}' for k in range(11)), (n.lower() for n in names)))
+
+
+def test_mafw_class_names_map_to_the_reference_indices_in_both_build_modes(tmp_path):
+  assert labels.class_names('mafw', 11) == tuple(sorted(REFERENCE_MAFW, key=REFERENCE_MAFW.get))
+  manual, names = make_mafw_all_classes(tmp_path / 'MAFW')
+  assert common.main(mafw.Mafw, 'mafw', ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'split'),
+                                         '--folds', '1', '--workers', '1']) == 0
+  config = tiny_config(mafw_config, tmp_path / 'split')
+  source = input_pipeline.get_source(config, 'train')
+  by_id = {_text(source[i]['id']): int(source[i]['label']) for i in range(len(source))}
+  assert by_id == {clip_id: REFERENCE_MAFW[name] for clip_id, name in names.items()}
+  # What a confusion matrix, the metrics and predict print for those labels is the name in the split file.
+  class_names = labels.class_names(config.dataset, config.model.num_classes)
+  assert all(class_names[by_id[clip_id]] == name for clip_id, name in names.items())
+  assert eval_ids_and_labels(config)[0] == {'00020': 0, '00021': 10, '00022': 3}
+  # The reference's own lists (labels as numbers) give the same records.
+  far = '/scratch/someone/dfer_datasets/mfaw/clips_faces'
+  lists = tmp_path / 'annotation'
+  write_text(lists / 'MAFW_set_1_train_faces.txt',
+             ''.join(f'{far}/{clip_id} 5 {REFERENCE_MAFW[name]}\n' for clip_id, name in names.items()))
+  write_text(lists / 'MAFW_set_1_test_faces.txt', f'{far}/00020 5 0\n{far}/00021 5 10\n{far}/00022 5 3\n')
+  assert common.main(mafw.Mafw, 'mafw', ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'lists'),
+                                         '--folds', '1', '--annotations', str(lists), '--workers', '1']) == 0
+  listed = input_pipeline.get_source(tiny_config(mafw_config, tmp_path / 'lists'), 'train')
+  assert {_text(listed[i]['id']): int(listed[i]['label']) for i in range(len(listed))} == by_id
+
+
+def test_an_old_mafw_build_with_the_wrong_label_order_is_refused(tmp_path):
+  manual = make_mafw(tmp_path / 'MAFW')
+  version_dir = common.build(mafw.Mafw, manual, tmp_path / 'out', [1])[1]
+  version_dir.rename(version_dir.with_name('1.0.0'))
+  with pytest.raises(input_pipeline.DatasetError, match=r'1\.0\.0 was built by an older version.*rebuild'):
+    input_pipeline.get_source(tiny_config(mafw_config, tmp_path / 'out'), 'test')
+
+
+def _index_frames(folder: Path, count: int):
+  """Frames 0.jpg .. count-1.jpg, frame k a flat grey of value 4 + 8k (readable back after JPEG and resizing)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  for k in range(count):
+    image = np.full((24, 24, 3), 4 + 8 * k, np.uint8)
+    (folder / f'{k}.jpg').write_bytes(cv2.imencode('.jpg', image)[1].tobytes())
+
+
+def _frame_numbers(video: np.ndarray) -> list:
+  return [int(round((float(frame.mean()) - 4) / 8)) for frame in video]
+
+
+def _reference_test_picks(num_frames: int, segments: int = 16) -> list:
+  """The reference's test-time choice over num_frames (its list's count), written out independently."""
+  if num_frames > segments:
+    tick = num_frames / float(segments)
+    return [int(tick / 2.0 + tick * x) for x in range(segments)]
+  return list(range(num_frames)) + [num_frames - 1] * (segments - num_frames)
+
+
+@pytest.mark.parametrize('files', [30, 12])
+def test_mafw_frames_are_the_references_over_one_less_than_the_files(tmp_path, files):
+  manual = make_mafw(tmp_path / 'MAFW')
+  folder = manual / 'clips_faces' / '00008'  # a test clip
+  shutil.rmtree(folder)
+  _index_frames(folder, files)
+  common.build(mafw.Mafw, manual, tmp_path / 'out', [1])
+  config = tiny_config(mafw_config, tmp_path / 'out')
+  source = input_pipeline.get_source(config, 'test')
+  position = next(i for i in range(len(source)) if _text(source[i]['id']) == '00008')
+  record = source[position]
+  assert len(record['frames']) == files and int(record['num_frames']) == files - 1
+  on_disk = sorted(p.name for p in folder.iterdir())  # string order: 0, 1, 10, 11, ..., 2, ...
+  expected = [int(on_disk[i].split('.')[0]) for i in _reference_test_picks(files - 1)]
+  video = input_pipeline.test_example(record, config)['video']
+  assert _frame_numbers(video) == expected
+  assert _frame_numbers(video) != [int(on_disk[i].split('.')[0]) for i in _reference_test_picks(files)]
+  # Training never takes the last frame in string order (augmentation off: it changes the pixel values).
+  last = int(on_disk[-1].split('.')[0])
+  config.input.augment = False
+  for seed in range(20):
+    train = input_pipeline.train_example(record, np.random.default_rng(seed), config)['video']
+    assert last not in _frame_numbers(train)
+
+
+def make_dfew_parts(root: Path, originals: bool = True) -> Path:
+  """DFEW as its archives unpack: clip folders in clip_224x224/clip_224x224_part_<k>/, original clips (with audio
+  tracks) in original/part_<k>/<n>.mp4, no raw_wav (DFEW ships none)."""
+  clips = root / 'Clip' / 'clip_224x224'
+  for number in range(1, 7):
+    part = 1 + (number - 1) // 3
+    clip_id = f'{number:05d}'
+    write_frames(clips / f'clip_224x224_part_{part}' / clip_id, 18, number,
+                 lambda k, c=clip_id: f'{c}_{k + 1:05d}.jpg')
+    if originals:
+      target = root / 'Clip' / 'original' / f'part_{part}' / f'{number}.mp4'
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy(FIXTURE_VIDEO, target)
+  splits = root / 'EmoLabel_DataSplit'
+  write_text(splits / 'train(single-labeled)' / 'set_1.csv', 'video_name,label\n1,1\n2,2\n4,4\n5,5\n')
+  write_text(splits / 'test(single-labeled)' / 'set_1.csv', 'video_name,label\n3,7\n6,3\n')
+  return root
+
+
+def test_dfew_in_part_folders_builds_with_audio_from_the_original_parts(tmp_path):
+  require_fixture(FIXTURE_VIDEO)
+  manual = make_dfew_parts(tmp_path / 'DFEW')
+  # The README's command: wavs from original/part_<k>/ into raw_wav, named like the reference's (1.wav).
+  assert extract_audio.main(['--src', str(manual / 'Clip' / 'original'), '--dst', str(manual / 'Clip' / 'raw_wav'),
+                             '--workers', '1']) == 0
+  assert sorted(p.name for p in (manual / 'Clip' / 'raw_wav').glob('*.wav')) == [f'{n}.wav' for n in range(1, 7)]
+  assert common.main(dfew.Dfew, 'dfew', ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'out'),
+                                         '--folds', '1', '--workers', '1']) == 0
+  version_dir = tmp_path / 'out' / 'dfew' / 'fold1' / '1.0.0'
+  metadata = json.loads((version_dir / 'metadata.json').read_text())
+  for split, stored in (('fold1_train', 4), ('fold1_test', 2)):
+    assert metadata[split]['stored'] == stored and not metadata[split]['excluded']
+    assert not metadata[split]['silent_audio']  # none without audio
+  config = tiny_config(dfew_config, tmp_path / 'out')
+  source = input_pipeline.get_source(config, 'train')
+  records = {_text(source[i]['id']): source[i] for i in range(len(source))}
+  assert {k: int(r['label']) for k, r in records.items()} == {'00001': 0, '00002': 1, '00004': 3, '00005': 4}
+  np.testing.assert_allclose(records['00004']['fbank'], audio_lib.load_fbank(manual / 'Clip' / 'raw_wav' / '4.wav'))
+  assert eval_ids_and_labels(config)[0] == {'00003': 6, '00006': 2}
+
+
+def test_dfew_in_part_folders_extracts_missing_wavs_itself(tmp_path):
+  require_fixture(FIXTURE_VIDEO)
+  manual = make_dfew_parts(tmp_path / 'DFEW')
+  version_dir = common.build(dfew.Dfew, manual, tmp_path / 'out', [1])[1]
+  metadata = json.loads((version_dir / 'metadata.json').read_text())
+  assert metadata['fold1_train']['stored'] == 4 and not metadata['fold1_train']['silent_audio']
+  assert metadata['fold1_test']['stored'] == 2 and not metadata['fold1_test']['silent_audio']
+  assert sorted(p.name for p in (tmp_path / 'out' / 'downloads' / 'dfew_wav').glob('*.wav')) == [
+      f'{n:05d}.wav' for n in range(1, 7)]
+
+
+def test_dfew_without_any_audio_stops_with_the_command_that_makes_it(tmp_path):
+  manual = make_dfew_parts(tmp_path / 'DFEW', originals=False)
+  with pytest.raises(common.AnnotationError, match=r'no DFEW audio.*extract_audio\.py --src .*Clip/original'):
+    common.build(dfew.Dfew, manual, tmp_path / 'out', [1])
+  assert not list((tmp_path / 'out').glob('dfew/**/dataset_info.json'))
+
+
+def test_extract_audio_without_videos_is_an_error_not_an_empty_success(tmp_path, capsys):
+  (tmp_path / 'original' / 'part_1').mkdir(parents=True)
+  assert extract_audio.main(['--src', str(tmp_path / 'original'), '--dst', str(tmp_path / 'wav')]) == 2
+  assert 'no video files' in capsys.readouterr().err
+
+
+def test_dfew_clip_folders_are_found_in_part_folders_and_twice_is_an_error(tmp_path):
+  root = tmp_path / 'Clip' / 'clip_224x224'
+  for part, clip_id in ((1, '00001'), (2, '00002')):
+    (root / f'clip_224x224_part_{part}' / clip_id).mkdir(parents=True)
+  (tmp_path / 'Clip' / 'clip_224x224_part_3' / '00003').mkdir(parents=True)  # a part unpacked beside the folder
+  found = common.find_clip_folders(dfew.frame_roots(tmp_path))
+  assert {k: v.relative_to(tmp_path).as_posix() for k, v in found.items()} == {
+      '00001': 'Clip/clip_224x224/clip_224x224_part_1/00001', '00002': 'Clip/clip_224x224/clip_224x224_part_2/00002',
+      '00003': 'Clip/clip_224x224_part_3/00003'}
+  (root / 'clip_224x224_part_2' / '00001').mkdir()
+  with pytest.raises(common.AnnotationError, match=r'clip 00001 is in two folders'):
+    common.find_clip_folders(dfew.frame_roots(tmp_path))

@@ -1,22 +1,28 @@
 """The DFEW builder (Jiang et al., ACM MM 2020): 7 classes, 5 folds, 224x224 face clips.
 
-Reads the official download (see README.md in this folder):
+Reads the official download as its archives unpack (see README.md in this folder):
 
-  <manual_dir>/Clip/clip_224x224/<5-digit id>/*.jpg       face frames (every image file of the folder)
-  <manual_dir>/Clip/original/<id>.mp4                     original clips (used only to extract missing wavs)
-  <manual_dir>/Clip/raw_wav/<int(id)>.wav                 audio, e.g. clip 00001 -> 1.wav (the reference's rule)
+  <manual_dir>/Clip/clip_224x224/clip_224x224_part_<k>/<5-digit id>/*.jpg   face frames (every image file)
+  <manual_dir>/Clip/original/part_<k>/<n>.mp4                              original clips (their audio)
+  <manual_dir>/Clip/raw_wav/<n>.wav                                        audio, e.g. clip 00001 -> 1.wav
   <manual_dir>/EmoLabel_DataSplit/train(single-labeled)/set_<k>.csv, test(single-labeled)/set_<k>.csv
 
-`Clip/` may be left out of those paths (`<manual_dir>/clip_224x224`, `<manual_dir>/raw_wav`, ...), and a wav may
-also be named by the 5-digit id. The split CSVs have a header; the columns `video_name` (the clip number, with or
-without leading zeros) and `label` (1..7 = happy, sad, neutral, angry, surprise, disgust, fear) are used, or the
-last two columns where those names are absent. The split folder may also be spelled `train_single-labeled` or
-`train(single-label)`: any folder of EmoLabel_DataSplit whose name starts with the split and contains "single".
-Labels become 0..6 in the same order (mma_dfer_jax.labels.DFEW_CLASSES).
+The 5-digit clip folders are found wherever they lie under `Clip/clip_224x224` (or `clip_224x224`, or part folders
+`clip_224x224_part_<k>` directly in `Clip/` or manual_dir): flat, in part folders, or in a doubly unpacked
+`clip_224x224/clip_224x224/`. The original clips likewise anywhere under `Clip/original` (or `original`). DFEW
+ships no wavs: `raw_wav/` is made by the user (the reference's mp42wav.sh; here data/extract_audio.py); a clip
+without a wav gets one extracted from its original clip at build time. The reference never trained DFEW without
+audio, so a download with neither wavs nor original clips stops the build with the command that makes them.
+
+The split CSVs have a header; the columns `video_name` (the clip number, with or without leading zeros) and `label`
+(1..7 = happy, sad, neutral, angry, surprise, disgust, fear) are used, or the last two columns where those names
+are absent. The split folder may also be spelled `train_single-labeled` or `train(single-label)`: any folder of
+EmoLabel_DataSplit whose name starts with the split and contains "single". Labels become 0..6 in the same order
+(mma_dfer_jax.labels.DFEW_CLASSES).
 
 Alternatively (`annotations_dir`), the reference's lists `DFEW_set_<k>_{train,test}.txt` (`<frames_dir>
-<num_frames> <label>`, labels from 0) give the folds; each listed folder is looked up by its name under the
-frame folder of manual_dir (or used as listed when it exists on this machine).
+<num_frames> <label>`, labels from 0) give the folds; each listed folder is looked up by its name among the clip
+folders of manual_dir (or used as listed when it exists on this machine).
 """
 import csv
 import re
@@ -31,10 +37,19 @@ except ImportError:  # `tfds build data/dfew` imports this file as a top-level m
   from data import common
 from mma_dfer_jax import labels  # pylint: disable=g-import-not-at-top
 
-FRAME_ROOTS = ('Clip/clip_224x224/clip_224x224', 'Clip/clip_224x224', 'clip_224x224')  # first: a doubly unpacked zip
+FRAME_ROOTS = ('Clip/clip_224x224', 'clip_224x224')
+PART_GLOB = 'clip_224x224_part_*'  # part archives unpacked straight into Clip/ or manual_dir
 WAV_ROOTS = ('Clip/raw_wav', 'raw_wav')
 VIDEO_ROOTS = ('Clip/original', 'original')
 SPLIT_ROOT = 'EmoLabel_DataSplit'
+EXTRACT_HINT = ('make the wavs first: python data/extract_audio.py --src {m}/Clip/original --dst {m}/Clip/raw_wav '
+                '(unpack the "original" part archives into Clip/original first)')
+
+
+def frame_roots(manual_dir: Path) -> List[Path]:
+  """Where DFEW's clip folders may lie: the clip_224x224 folders, then part folders unpacked beside them."""
+  parts = sorted(p for base in (manual_dir / 'Clip', manual_dir) if base.is_dir() for p in base.glob(PART_GLOB))
+  return [manual_dir / p for p in FRAME_ROOTS] + parts
 
 
 def split_csv(manual_dir: Path, fold: int, split: str) -> Path:
@@ -101,18 +116,26 @@ class Dfew(common.FoldBuilder, skip_registration=True):
               'Expressions in the Wild}, author={Jiang, Xingxun and others}, booktitle={ACM MM}, year={2020}}')
 
   def list_clips(self, manual_dir: Path, fold: int, split: str) -> List[common.Clip]:
-    frames_root = common.first_existing([manual_dir / p for p in FRAME_ROOTS])
-    wavs = common.index_files([manual_dir / p for p in WAV_ROOTS], ('.wav',))
-    videos = common.index_files([manual_dir / p for p in VIDEO_ROOTS], common.VIDEO_EXTENSIONS)
+    roots = frame_roots(manual_dir)
+    clip_folders = common.find_clip_folders(roots)
+    if not clip_folders:
+      raise common.AnnotationError(
+          f'{manual_dir}: no DFEW clip folder (5-digit names like 00001) under Clip/clip_224x224 or clip_224x224; '
+          'unpack the clip_224x224_part_<k> archives into Clip/clip_224x224 (layout: data/dfew/README.md)')
+    wavs = common.index_files([manual_dir / p for p in WAV_ROOTS], ('.wav',), recursive=True)
+    videos = common.index_files([manual_dir / p for p in VIDEO_ROOTS], common.VIDEO_EXTENSIONS, recursive=True)
+    if not wavs and not videos:
+      raise common.AnnotationError(
+          f'{manual_dir}: no DFEW audio: no wav under Clip/raw_wav and no original clip under Clip/original. '
+          f'The reference trains DFEW with audio; {EXTRACT_HINT.format(m=manual_dir)}')
+    frames_root = next((r for r in roots if r.is_dir()), roots[0])
     if self._annotations_dir is not None:
       path = common.annotation_list_path(self._annotations_dir, 'dfew', fold, split)
       listed = common.read_annotation_list(path, len(self.CLASS_NAMES))
-      folders = [(common.resolve_listed(p, frames_root), label) for p, label in listed]
+      folders = [(common.resolve_listed(p, clip_folders, frames_root), label) for p, label in listed]
     else:
-      if frames_root is None:
-        common.require_dir([manual_dir / p for p in FRAME_ROOTS], 'DFEW frame folder')
       entries = read_split_csv(split_csv(manual_dir, fold, split))
-      folders = [(frames_root / clip_id, label) for clip_id, label in entries]
+      folders = [(clip_folders.get(clip_id, frames_root / clip_id), label) for clip_id, label in entries]
     return [_clip(folder, label, wavs, videos) for folder, label in folders]
 
 
