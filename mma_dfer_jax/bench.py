@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mma_dfer_jax import cli
 from mma_dfer_jax import host_memory
 from mma_dfer_jax import reference_timing
 from mma_dfer_jax import sharding
@@ -329,36 +330,40 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
 
 
 def main(argv=None) -> int:
-  """Parses `argv` (sys.argv by default) with fresh flag values, so tests can call it in-process."""
+  """Parses `argv` (sys.argv by default) with fresh flag values, so tests can call it in-process.
+
+  User errors raise (cli.UserError and the package's error types); `cli.run_main` prints them as one line, exit 2.
+  """
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
   fv = flags.FlagValues()
-  # The --config.key overrides are found in `sys_argv` when the flag is defined.
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/dfew.py.', flag_values=fv,
-                                  sys_argv=argv)
+  cli.define_config_flag(fv, argv, 'Experiment config file, e.g. configs/dfew.py.')
   flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Which step to time.', flag_values=fv)
-  flags.DEFINE_integer('steps', 5, 'Timed steps (the median is reported).', flag_values=fv)
-  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.', flag_values=fv)
+  flags.DEFINE_integer('steps', 5, 'Timed steps (the median is reported).', flag_values=fv, lower_bound=1)
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.', flag_values=fv, lower_bound=0)
   flags.DEFINE_bool('with_input_pipeline', False, 'Also time steps fed by the input pipeline.', flag_values=fv)
   flags.DEFINE_string('reference_python', None, 'A Python with torch and timm: interleave the reference recipe\'s '
                       'train steps with ours (needs --reference_tool).', flag_values=fv)
   flags.DEFINE_string('reference_tool', None, 'Path of torch_mma_dfer.py (../shared/tools/).', flag_values=fv)
-  try:
-    fv(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  rest = cli.parse_flags(fv, argv)
+  if len(rest) > 1:
+    raise cli.UserError(f'unexpected arguments: {" ".join(rest[1:])} (settings go as --config.key=value)')
   if fv.config is None:
-    print('error: --config is required, e.g. --config configs/dfew.py', file=sys.stderr)
-    return 2
+    raise cli.UserError('--config is required, e.g. --config configs/dfew.py')
   if bool(fv.reference_python) != bool(fv.reference_tool):
-    print('error: --reference_python and --reference_tool go together', file=sys.stderr)
-    return 2
+    raise cli.UserError('--reference_python and --reference_tool go together')
+  if fv.reference_python and fv.mode != 'train':
+    raise cli.UserError('--reference_python: the reference recipe is timed against the train step only (--mode train)')
+  # The device count is checked by run_benchmark (as a config.* ValueError): JAX must not start before it
+  # configures the host allocator.
+  cli.check_config(fv.config)
   reference = None
   if fv.reference_python:
-    reference = reference_timing.ReferenceStepper(fv.reference_python, fv.reference_tool, fv.config.model,
-                                                  fv.config.batch_size)
+    try:
+      reference = reference_timing.ReferenceStepper(fv.reference_python, fv.reference_tool, fv.config.model,
+                                                    fv.config.batch_size)
+    except ValueError as e:
+      raise cli.UserError(f'--reference_tool {fv.reference_tool}: {e}') from None
   try:
     record = run_benchmark(fv.config, fv.mode, fv.steps, fv.warmup, fv.with_input_pipeline, reference)
   finally:
@@ -370,8 +375,10 @@ def main(argv=None) -> int:
   return 0
 
 
+def run():
+  """The console script's entry point (`mma-dfer-bench`)."""
+  cli.run_main(main)
+
+
 if __name__ == '__main__':
-  import os  # pylint: disable=g-import-not-at-top
-  # Config files import `configs.common`: make the repository root (the folder above this package) importable.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  sys.exit(main())
+  run()

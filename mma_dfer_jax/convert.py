@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mma_dfer_jax import cli
 from mma_dfer_jax import pth_reader
 from mma_dfer_jax.models import mma_dfer
 
@@ -289,49 +290,75 @@ def _count(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
 
 
-def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
+def _checked_out(out: str, overwrite: bool) -> str:
+  """Refuses an --out that cannot take a checkpoint, before any conversion work (one line, exit code 2)."""
+  from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  if re.match(r'^[a-z][a-z0-9+.-]*://', out):
+    return out
+  path = Path(out)
+  if path.exists() and not path.is_dir():
+    raise cli.UserError(f'--out {out}: is a file; give a directory (convert writes DIR/{checkpoint.PARAMS_DIR}/ '
+                        f'and DIR/{checkpoint.CONFIG_FILE})')
+  cli.check_writable_dir(path, '--out')
+  if not overwrite:
+    if (path / checkpoint.PARAMS_DIR).exists():
+      raise cli.UserError(f'--out {out}: already holds a converted checkpoint ({checkpoint.PARAMS_DIR}/); choose '
+                          'another --out, or pass --overwrite to replace it')
+    if (path / checkpoint.CONFIG_FILE).exists() or (path / checkpoint.TRAIN_CHECKPOINTS_DIR).exists():
+      raise cli.UserError(f'--out {out}: holds a {checkpoint.CONFIG_FILE} (a training work directory?); choose '
+                          f'another --out, or pass --overwrite to replace its {checkpoint.CONFIG_FILE}')
+  return out
 
-  from absl import logging  # pylint: disable=g-import-not-at-top
 
-  from mma_dfer_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)
-  f = flags.FLAGS
-  if len(argv) != 2 or argv[1] not in ('released', 'ssl'):
-    raise SystemExit('usage: python -m mma_dfer_jax.convert {released|ssl} --out DIR --config configs/X.py '
-                     '[--src model.pth | --face F.pth --audio A.pth]')
+def main(argv=None) -> int:
+  """The command line (`mma-dfer-convert`): parses `argv` (sys.argv by default) with fresh flag values."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import logging  # pylint: disable=import-outside-toplevel
+
+  from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  argv = list(sys.argv if argv is None else argv)
+  f = flags.FlagValues()
+  cli.define_config_flag(f, argv, 'Experiment config file (configs/*.py); gives the model sizes.')
+  flags.DEFINE_string('out', None, 'Output directory for the Orbax checkpoint.', flag_values=f)
+  flags.DEFINE_string('src', None, 'released: the MMA-DFER model.pth.', flag_values=f)
+  flags.DEFINE_string('face', None, 'ssl: the MAE-Face checkpoint (mae_face_pretrain_vit_base.pth).', flag_values=f)
+  flags.DEFINE_string('audio', None, 'ssl: the AudioMAE checkpoint (pretrained.pth).', flag_values=f)
+  flags.DEFINE_bool('overwrite', False, 'Replace a checkpoint or config.json already in --out.', flag_values=f)
+  rest = cli.parse_flags(f, argv)
+  if len(rest) != 2 or rest[1] not in ('released', 'ssl'):
+    raise cli.UserError('usage: python -m mma_dfer_jax.convert {released|ssl} --out DIR --config configs/X.py '
+                        '[--src model.pth | --face F.pth --audio A.pth]')
   config = f.config
   if config is None:
-    raise SystemExit('error: --config is required (e.g. --config configs/mafw.py)')
+    raise cli.UserError('--config is required (e.g. --config configs/mafw.py): it gives the model sizes')
+  if not f.out:
+    raise cli.UserError('--out is required: the directory the checkpoint is written to')
+  if rest[1] == 'released' and not f.src:
+    raise cli.UserError('`released` needs --src model.pth')
+  if rest[1] == 'ssl' and not (f.face and f.audio):
+    raise cli.UserError('`ssl` needs --face mae_face_pretrain_vit_base.pth and --audio audiomae.pth')
+  cli.check_model_config(config.model)
+  out = _checked_out(f.out, f.overwrite)
+  logging.set_verbosity(logging.WARNING)
   started = time.perf_counter()
-  try:
-    if argv[1] == 'released':
-      if not f.src:
-        raise SystemExit('error: `released` needs --src model.pth')
-      params = load_released_checkpoint(f.src, config.model)
-    else:
-      if not (f.face and f.audio):
-        raise SystemExit('error: `ssl` needs --face mae_face_pretrain_vit_base.pth and --audio audiomae.pth')
-      params = init_from_ssl(config.model, f.face, f.audio, jax.random.key(config.seed))
-    out = checkpoint.save_params(f.out, params, config)
-  except (ConversionError, pth_reader.PthFormatError, FileNotFoundError, FileExistsError) as e:
-    raise SystemExit(f'error: {e}') from None
-  print(f'wrote {_count(params) / 1e6:.1f}M parameters to {out} in {time.perf_counter() - started:.1f} s')
+  if rest[1] == 'released':
+    params = load_released_checkpoint(f.src, config.model)
+  else:
+    params = init_from_ssl(config.model, f.face, f.audio, jax.random.key(config.seed))
+  old_params = Path(out) / checkpoint.PARAMS_DIR
+  if f.overwrite and '://' not in out and old_params.is_dir():
+    shutil.rmtree(old_params)  # only now that the new parameters are ready
+  written = checkpoint.save_params(out, params, config)
+  print(f'wrote {_count(params) / 1e6:.1f}M parameters to {written} in {time.perf_counter() - started:.1f} s')
+  return 0
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py); gives the model sizes.')
-  flags.DEFINE_string('out', None, 'Output directory for the Orbax checkpoint.', required=True)
-  flags.DEFINE_string('src', None, 'released: the MMA-DFER model.pth.')
-  flags.DEFINE_string('face', None, 'ssl: the MAE-Face checkpoint (mae_face_pretrain_vit_base.pth).')
-  flags.DEFINE_string('audio', None, 'ssl: the AudioMAE checkpoint (pretrained.pth).')
+def run():
+  """The console script's entry point (`mma-dfer-convert`)."""
+  cli.run_main(main)
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  # Config files import `configs.common`: make the repository root (the folder above this package) importable.
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  _define_flags()
-  app.run(main)
+  run()

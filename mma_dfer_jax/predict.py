@@ -11,7 +11,11 @@ the classes).
 By default a readable table goes to stdout; with --json exactly one JSON object: `label`, `probabilities` (class
 name -> probability), `face_detected`, `has_audio`, `frames_used`, `num_frames`, `notes`, `timings` (seconds per
 stage: decode, faces, audio, model_compile, model_run, model, total; and checkpoint, the loading before them).
-Errors in the input (a missing or unreadable video, checkpoint or config) print one line and exit with 2.
+Errors in the input print one line and exit with 2 (cli.py): a missing or unreadable video, checkpoint or config; a
+`--config` whose model does not fit the checkpoint; a model whose output is not finite (damaged parameters: no
+`NaN` is ever printed). A `--save-frames` that cannot be written still prints the prediction, then its one error
+line, and exits with 2. A video whose stream ends before the frame count its header declares (a truncated file) is
+predicted from the frames present, with a note saying so.
 """
 import argparse
 import importlib.util
@@ -23,10 +27,11 @@ from typing import Optional
 
 import numpy as np
 
+from mma_dfer_jax import cli
 from mma_dfer_jax import faces
 from mma_dfer_jax import video as video_lib
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = cli.EXIT_USER_ERROR
 MONTAGE_MIN_TILE = 96  # pixels
 # 4K and larger frames are scaled down while converting (cheap there) to bound memory: a face in a 1920 px frame
 # still has far more pixels than the model's 224.
@@ -34,7 +39,7 @@ MAX_FRAME_SIDE = 1920
 
 
 class PredictError(Exception):
-  """A user error: the message is printed as the one line the command line shows."""
+  """A user error: the message is printed as the one line the command line shows (listed in cli.py)."""
 
 
 def load_config_file(path):
@@ -42,10 +47,6 @@ def load_config_file(path):
   path = Path(path)
   if not path.is_file():
     raise PredictError(f'{path}: no such config file (give one such as configs/mafw.py)')
-  # Config files import their siblings as `configs.common`: make the folder above `configs/` importable.
-  root = str(path.resolve().parent.parent)
-  if root not in sys.path:
-    sys.path.insert(0, root)
   spec = importlib.util.spec_from_file_location(f'_predict_config_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -80,10 +81,7 @@ _COMPILED = {}
 
 def _test_indices(num_segments):
   """The reference's test-time sampling: the centre of each of 16 equal segments, edge-padded when shorter."""
-  try:
-    from mma_dfer_jax.frames import frame_indices  # pylint: disable=import-outside-toplevel
-  except ImportError:  # the contract's other home for it (DESIGN.md item 6)
-    from mma_dfer_jax.input_pipeline import frame_indices  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax.frames import frame_indices  # pylint: disable=import-outside-toplevel
   return lambda num_frames: frame_indices(num_frames, train=False, num_segments=num_segments)
 
 
@@ -135,6 +133,7 @@ def predict_video(path, params, config, save_frames: Optional[str] = None) -> di
   timings['model_run'] = time.perf_counter() - t
   timings['model'] = timings['model_compile'] + timings['model_run']
 
+  _check_finite(probabilities, params, path)
   probabilities = probabilities / probabilities.sum()  # exact in float64 for the JSON
   names = _class_names(config)
   best = int(np.argmax(probabilities))
@@ -145,6 +144,9 @@ def predict_video(path, params, config, save_frames: Optional[str] = None) -> di
     notes.append(f'{clip.damaged_packets} damaged packets could not be decoded and were skipped')
   if not face_detected:
     notes.append('no face was found: the model got centre crops')
+  if clip.ended_early:
+    notes.append(f'the video stream ends early: its header declares {clip.declared_frames} frames, '
+                 f'{clip.num_frames} are there (a truncated file?); the model saw frames of the part present')
   if clip.num_frames < model_config.num_frames:
     notes.append(f'the video has {clip.num_frames} frames: the last one was repeated to make '
                  f'{model_config.num_frames}')
@@ -162,11 +164,27 @@ def predict_video(path, params, config, save_frames: Optional[str] = None) -> di
   }
   if save_frames:
     t = time.perf_counter()
-    save_montage(save_frames, crops, f'{names[best]} ({probabilities[best]:.0%})', clip.indices)
+    try:
+      save_montage(save_frames, crops, f'{names[best]} ({probabilities[best]:.0%})', clip.indices)
+    except (OSError, ValueError) as e:  # an unwritable folder, an unknown image extension: the prediction stands
+      reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+      result['save_frames_error'] = (f'--save-frames {save_frames}: the montage could not be written ({reason}); '
+                                     'choose a writable .png path (the prediction is complete)')
     timings['save_frames'] = time.perf_counter() - t
   timings['total'] = time.perf_counter() - start
   result['timings'] = {k: round(v, 4) for k, v in timings.items()}
   return result
+
+
+def _check_finite(probabilities, params, path) -> None:
+  """Refuses a NaN/Inf output (damaged parameters) rather than printing a confident label with it."""
+  if np.all(np.isfinite(probabilities)) and probabilities.sum() > 0:
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  bad = sum(int(np.size(x) - np.isfinite(np.asarray(x, np.float32)).sum()) for x in jax.tree_util.tree_leaves(params))
+  cause = (f'{bad} of the checkpoint\'s parameters are NaN/Inf: the checkpoint is damaged; convert or train it '
+           'again, or use an earlier one') if bad else 'the parameters are finite: the model overflowed on this input'
+  raise PredictError(f'{path}: the model\'s output is not finite (NaN/Inf); {cause}')
 
 
 def save_montage(path, crops: np.ndarray, title: str, indices=None) -> None:
@@ -206,14 +224,48 @@ def format_table(result: dict) -> str:
   return '\n'.join(lines)
 
 
+def _model_differences(config, stored) -> list:
+  """`key (checkpoint A, --config B)` for every config.model key whose values differ."""
+  mine, theirs = config.model.to_dict(), stored.model.to_dict()
+  return [f'model.{k} ({theirs.get(k)!r} in the checkpoint, {mine.get(k)!r} in --config)'
+          for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+
+
+def check_fits(params, config, checkpoint_dir, config_path=None, stored=None) -> None:
+  """Refuses a config whose model has other parameter shapes than the checkpoint, naming the differing keys."""
+  import flax  # pylint: disable=import-outside-toplevel
+
+  from mma_dfer_jax import convert  # pylint: disable=import-outside-toplevel
+  where = f'--config {config_path}' if config_path else f'{checkpoint_dir}/config.json'
+  try:
+    expected = convert.param_shapes(config.model)
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise PredictError(f'{where}: the model cannot be built from it ({type(e).__name__}: {e})') from e
+  got = {k: tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(params).items()}
+  bad = sorted('/'.join(k) for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+  if not bad:
+    return
+  differences = _model_differences(config, stored) if (config_path and stored is not None) else []
+  detail = ('; '.join(differences[:6]) if differences else
+            'parameters ' + ', '.join(bad[:4]) + (' ...' if len(bad) > 4 else '') + ' differ in shape')
+  fix = ('drop --config to use the checkpoint\'s own config, or give the config it was made with' if config_path
+         else 'the checkpoint is damaged or was written by other code; give --config configs/X.py it was made with')
+  raise PredictError(f'{where} does not fit the checkpoint {checkpoint_dir}: {detail}; {fix}')
+
+
 def load_model(checkpoint_dir, config_path=None):
-  """(params, config) from a checkpoint directory; a config file given here replaces the stored config."""
+  """(params, config) from a checkpoint directory; a config file given here replaces the stored config.
+
+  Raises:
+    PredictError: no checkpoint there, it cannot be read, or the config's model does not fit its parameters.
+  """
   from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
   checkpoint_dir = Path(checkpoint_dir)
   if not checkpoint_dir.is_dir():
     raise PredictError(f'{checkpoint_dir}: no such checkpoint directory (give the --out of convert or a '
                        'launch.py work directory)')
-  config = load_config_file(config_path) if config_path else checkpoint.load_config(checkpoint_dir)
+  stored = checkpoint.load_config(checkpoint_dir)
+  config = load_config_file(config_path) if config_path else stored
   if config is None:
     raise PredictError(f'{checkpoint_dir}: holds no config.json; name the experiment with --config configs/X.py')
   try:
@@ -222,11 +274,19 @@ def load_model(checkpoint_dir, config_path=None):
     raise PredictError(str(e)) from e
   except Exception as e:  # Orbax reports damaged checkpoints with many exception types
     raise PredictError(f'{checkpoint_dir}: reading the checkpoint failed ({type(e).__name__}: {e})') from e
+  check_fits(params, config, checkpoint_dir, config_path, stored)
   return params, config
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors follow the contract: one line, exit code 2."""
+
+  def error(self, message):
+    raise cli.UserError(f'{message} (see --help)')
+
+
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m mma_dfer_jax.predict', description=__doc__.split('\n')[0])
+  parser = _ArgumentParser(prog='python -m mma_dfer_jax.predict', description=__doc__.split('\n')[0])
   parser.add_argument('video', help='a video file (mp4, mkv, avi, webm, ...)')
   parser.add_argument('--checkpoint', required=True, help='checkpoint directory (convert --out or a work dir)')
   parser.add_argument('--config', help='experiment config file; replaces the config stored with the checkpoint')
@@ -235,25 +295,39 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def _predict(argv) -> int:
   args = parse_args(argv)
-  try:
-    if not Path(args.video).is_file():
-      raise PredictError(f'{args.video}: no such video file')
-    start = time.perf_counter()
-    params, config = load_model(args.checkpoint, args.config)
-    load_seconds = time.perf_counter() - start
-    result = predict_video(args.video, params, config, save_frames=args.save_frames)
-    result['timings']['checkpoint'] = round(load_seconds, 4)  # reading params and config, outside `total`
-  except (PredictError, video_lib.VideoError) as e:
-    print(f'error: {e}', file=sys.stderr)
+  if not Path(args.video).is_file():
+    raise PredictError(f'{args.video}: no such video file')
+  start = time.perf_counter()
+  params, config = load_model(args.checkpoint, args.config)
+  load_seconds = time.perf_counter() - start
+  result = predict_video(args.video, params, config, save_frames=args.save_frames)
+  result['timings']['checkpoint'] = round(load_seconds, 4)  # reading params and config, outside `total`
+  # allow_nan=False: a NaN that got past the checks is a bug, never invalid JSON on stdout.
+  print(json.dumps(result, allow_nan=False) if args.json else format_table(result), flush=True)
+  if 'save_frames_error' in result:
+    cli.report(result['save_frames_error'])
     return EXIT_USER_ERROR
-  if args.json:
-    print(json.dumps(result))
-  else:
-    print(format_table(result))
   return 0
 
 
-if __name__ == '__main__':
+def main(argv=None) -> int:
+  """The command line (`mma-dfer-predict`); returns the exit code (2 for a user error, printed as one line)."""
+  try:
+    return _predict(argv)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    message = cli.user_error_message(e)
+    if message is None:
+      raise
+    cli.report(message)
+    return EXIT_USER_ERROR
+
+
+def run():
+  """The console script's entry point."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  run()

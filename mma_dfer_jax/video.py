@@ -34,6 +34,8 @@ class Video:
   audio: Optional[np.ndarray]   # (channels, samples) float32 in [-1, 1) on the PCM16 grid, or None when no track
   sample_rate: Optional[int]    # the audio stream's own rate, or None
   damaged_packets: int = 0      # packets that failed to decode and were skipped (video and audio)
+  declared_frames: Optional[int] = None  # frames the container's header announces (None when it does not say)
+  ended_early: bool = False     # the stream holds fewer frames than declared: a truncated file
 
   @property
   def has_audio(self) -> bool:
@@ -61,6 +63,27 @@ def _video_stream(container, path):
 def _frame_rate(stream) -> float:
   rate = stream.average_rate or stream.guessed_rate or stream.base_rate
   return float(rate) if rate else 0.0
+
+
+def _declared_frames(container, stream):
+  """(frames the header announces, how many fewer may be present without the file being short).
+
+  mp4 states the count exactly; other containers (mkv, webm) only a duration, the stream's or the whole file's
+  (which may include a longer audio track), converted at the stream's rate with a margin of half a second or 5%.
+  (None, 0) when the header says neither.
+  """
+  if stream.frames:
+    return int(stream.frames), 0
+  rate = _frame_rate(stream)
+  seconds = None
+  if stream.duration and stream.time_base:
+    seconds = float(stream.duration * stream.time_base)
+  elif container.duration:
+    seconds = container.duration / av.time_base
+  if not (seconds and rate):
+    return None, 0
+  expected = seconds * rate
+  return int(round(expected)), max(2, int(0.5 * rate), int(0.05 * expected))
 
 
 def _rotation_quarters(frame) -> int:
@@ -179,6 +202,8 @@ def _read(container, path, pick, max_frames, max_side, want_audio) -> Video:
         num_shown += not packet.is_discard
     elif collector is not None:
       collector.decode(packet)
+  declared, margin = _declared_frames(container, video_stream)
+  ended_early = declared is not None and len(video_packets) < declared - margin
   num_frames = num_shown
   if max_frames is not None:
     num_frames = min(num_frames, max_frames)
@@ -226,7 +251,8 @@ def _read(container, path, pick, max_frames, max_side, want_audio) -> Video:
   frames = np.stack([converted[i] for i in indices.tolist()])
   return Video(frames=frames, indices=indices, num_frames=num_frames, fps=_frame_rate(video_stream),
                audio=audio, sample_rate=sample_rate,
-               damaged_packets=errors[0] + (collector.errors[0] if collector is not None else 0))
+               damaged_packets=errors[0] + (collector.errors[0] if collector is not None else 0),
+               declared_frames=declared, ended_early=ended_early)
 
 
 def iter_frames(path, max_side: Optional[int] = None) -> Iterator[np.ndarray]:

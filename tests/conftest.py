@@ -1,4 +1,8 @@
-"""Shared test helpers: the reference fixtures and small model configs."""
+"""Shared test helpers: the reference fixtures, small model configs, and the CI rule that nothing is skipped.
+
+Under CI (`CI=true`, as .ci/run and CI services set it) a skip is a failure: a missing fixture, compiler, codec or
+emulator would otherwise let the suite go green with nothing checked. Locally such tests skip with the reason.
+"""
 import os
 import sys
 from pathlib import Path
@@ -7,15 +11,50 @@ import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # configs/ and data/ import from the repository root
+sys.path.insert(0, str(ROOT))  # data/ (not installed) and configs/ from a checkout that is not pip-installed
 FIXTURES = ROOT.parent / 'shared' / 'fixtures'
 REFERENCE_SMALL = FIXTURES / 'reference_small'
 
 
+def in_ci() -> bool:
+  return os.environ.get('CI', '').strip().lower() in ('true', '1', 'yes')
+
+
+def skip_unless_ci(reason: str):
+  """pytest.skip here, pytest.fail under CI."""
+  if in_ci():
+    pytest.fail(f'CI=true: {reason}', pytrace=False)
+  pytest.skip(reason)
+
+
 def require_fixture(path: Path) -> Path:
   if not path.exists():
-    pytest.skip(f'{path} is absent: parity tests need ../shared/fixtures beside the checkout')
+    skip_unless_ci(f'{path} is absent: parity tests need ../shared/fixtures beside the checkout')
   return path
+
+
+def _skip_reason(report) -> str:
+  longrepr = report.longrepr
+  return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def _fail_skips_in_ci(report) -> None:
+  """Turns a skip (pytest.skip, importorskip, skipif) into a failure under CI; xfail stays as it is."""
+  if in_ci() and report.skipped and not hasattr(report, 'wasxfail'):
+    report.outcome = 'failed'
+    report.longrepr = f'CI=true turns skips into failures: {_skip_reason(report)}'
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
+  outcome = yield
+  _fail_skips_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):  # pylint: disable=unused-argument
+  outcome = yield
+  _fail_skips_in_ci(outcome.get_result())
 
 
 def small_model_config(**overrides):

@@ -1,0 +1,91 @@
+"""The training command (`mma-dfer-train`, or `python launch.py` in a checkout): train, evaluate, cross-validate.
+
+  mma-dfer-train --config configs/mafw.py --workdir runs/mafw_fold1 [--config.fold=2 ...]
+  mma-dfer-train --config configs/mafw.py --workdir runs/mafw_cv --mode cross_validate
+  mma-dfer-train --config configs/mafw.py --workdir runs/eval --mode eval --config.init.checkpoint=converted/
+
+Re-running a command resumes from its work directory. Multi-host (not needed on TPU pods, where JAX finds its
+peers): --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every host. The config and the work
+directory are checked before anything is computed or written; a user error is one line and exit code 2 (cli.py).
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from mma_dfer_jax import cli
+
+FLAGS = flags.FLAGS
+MODES = ('train', 'eval', 'cross_validate')
+
+
+def define_flags(argv) -> None:
+  cli.define_config_flag(FLAGS, argv, 'Experiment config file, e.g. configs/mafw.py.')
+  flags.DEFINE_string('workdir', None, 'Where checkpoints, logs, plots and summary.json go.')
+  flags.DEFINE_enum('mode', 'train', list(MODES), 'What to run.')
+  flags.DEFINE_list('folds', ['1', '2', '3', '4', '5'], 'Folds for --mode cross_validate.')
+  flags.DEFINE_string('coordinator_address', None, 'Multi-host: address:port of process 0.')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+  flags.DEFINE_bool('cpu_collectives_gloo', True, 'Use gloo for cross-process collectives on CPU.')
+
+
+def initialize_distributed():
+  import jax  # pylint: disable=import-outside-toplevel
+  if FLAGS.num_processes and FLAGS.num_processes > 1:
+    if FLAGS.cpu_collectives_gloo:
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize()  # TPU pods: JAX discovers the peers itself
+
+
+def _folds() -> list:
+  try:
+    folds = [int(f) for f in FLAGS.folds]
+  except ValueError:
+    folds = []
+  if not folds or any(not 1 <= f <= 5 for f in folds):
+    raise cli.UserError(f'--folds={",".join(FLAGS.folds)}: folds are numbered 1..5, e.g. --folds=1,2,3')
+  return folds
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])} (settings go as --config.key=value)')
+  config = FLAGS.config
+  if config is None:
+    raise cli.UserError('--config is required, e.g. --config configs/demo.py')
+  if not FLAGS.workdir:
+    raise cli.UserError('--workdir is required: the directory for checkpoints, logs and summary.json')
+  cli.check_config(config)
+  folds = _folds() if FLAGS.mode == 'cross_validate' else None
+  cli.check_writable_dir(FLAGS.workdir, '--workdir')
+  logging.set_verbosity(logging.WARNING)
+  from mma_dfer_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.configure(config)  # before JAX starts its CPU client
+  initialize_distributed()
+  import jax  # pylint: disable=import-outside-toplevel
+  cli.check_config(config, jax.device_count(), jax.process_count())
+
+  from mma_dfer_jax import experiment  # pylint: disable=import-outside-toplevel
+  if FLAGS.mode == 'train':
+    experiment.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == 'eval':
+    experiment.evaluate_checkpoint(config, FLAGS.workdir)
+  else:
+    experiment.cross_validate(config, FLAGS.workdir, folds)
+
+
+def run(argv=None):
+  """The console script's entry point."""
+  argv = list(sys.argv if argv is None else argv)
+  define_flags(argv)
+  app.run(cli.guard(main), argv=argv, flags_parser=cli.guard(lambda args: cli.parse_flags(FLAGS, args)))
+
+
+if __name__ == '__main__':
+  run()
