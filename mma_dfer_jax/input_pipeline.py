@@ -225,14 +225,21 @@ def _finish(dataset, config, local_batch):
   return dataset
 
 
-def train_dataset(config, process_index=0, process_count=1, epoch=0) -> grain.IterDataset:
+def train_dataset(config, process_index=0, process_count=1, epoch=0, step=None) -> grain.IterDataset:
+  """The training stream from the start of `epoch`, or from global batch `step` when given (a resume on any number
+  of processes: the global batches do not depend on it, so the position follows from the step)."""
   if not 0 <= epoch <= config.num_epochs:
     raise DatasetError(f'epoch={epoch}: training has epochs 0..{config.num_epochs - 1} (config.num_epochs)')
   source = get_source(config, 'train')
   num_clips, batch = len(source), config.batch_size
   local = _local_batch_size(batch, process_count, 'batch_size')
-  per_epoch = steps_per_epoch(config) * batch
+  steps = steps_per_epoch(config)
+  per_epoch = steps * batch
   seed = config.seed
+  if step is None:
+    step = epoch * steps
+  if not 0 <= step <= config.num_epochs * steps:
+    raise DatasetError(f'step={step}: training has steps 0..{config.num_epochs * steps} (config.num_epochs)')
 
   def load(local_position):
     position = _global_position(int(local_position), local, batch, process_index)
@@ -241,17 +248,16 @@ def train_dataset(config, process_index=0, process_count=1, epoch=0) -> grain.It
     rng = np.random.default_rng([seed, clip_epoch, clip, 1])
     return train_example(source[clip], rng, config)
 
-  local_per_epoch = per_epoch // process_count  # whole local batches: per_epoch is a multiple of the global batch
-  positions = grain.MapDataset.range(epoch * local_per_epoch, config.num_epochs * local_per_epoch)
+  positions = grain.MapDataset.range(step * local, config.num_epochs * steps * local)  # whole local batches
   return _finish(positions.map(load).batch(local, drop_remainder=True), config, local)
 
 
-def create_train_iterator(config, process_index=0, process_count=1, epoch=0):
-  """This process's slice of every global training batch, from the start of `epoch` to the end of the last epoch:
-  video uint8 (B/P, T, H, W, 3), audio float32 (B/P, frames, mels), label int32. Epoch e is steps_per_epoch batches
-  after the start of epoch e-1. Checkpointable (`get_state` / `set_state`, for iterators made with the same
-  arguments)."""
-  return iter(train_dataset(config, process_index, process_count, epoch))
+def create_train_iterator(config, process_index=0, process_count=1, epoch=0, step=None):
+  """This process's slice of every global training batch, from the start of `epoch` (or from global batch `step`)
+  to the end of the last epoch: video uint8 (B/P, T, H, W, 3), audio float32 (B/P, frames, mels), label int32.
+  Epoch e is steps_per_epoch batches after the start of epoch e-1. Checkpointable (`get_state` / `set_state`, for
+  iterators made with the same arguments); `step` resumes on any process count without a saved state."""
+  return iter(train_dataset(config, process_index, process_count, epoch, step))
 
 
 def eval_dataset(config, process_index=0, process_count=1) -> grain.IterDataset:

@@ -64,6 +64,19 @@ def test_iterator_state_resumes_exactly():
     np.testing.assert_array_equal(a['label'], b['label'])
 
 
+def test_a_resume_at_a_step_on_another_process_count_continues_the_same_global_batches():
+  config = tiny_config()
+  whole = take(input_pipeline.create_train_iterator(config, 0, 1), 4)  # 2 epochs x 2 steps
+  for step in (1, 2, 3):
+    halves = [list(input_pipeline.create_train_iterator(config, p, 2, step=step)) for p in (0, 1)]
+    assert len(halves[0]) == 4 - step
+    for expected, first, second in zip(whole[step:], *halves):
+      for key in ('video', 'audio', 'label'):
+        np.testing.assert_array_equal(expected[key], np.concatenate([first[key], second[key]]))
+  with pytest.raises(input_pipeline.DatasetError, match='step=5'):
+    input_pipeline.create_train_iterator(config, step=5)
+
+
 @pytest.mark.parametrize('process_count', [1, 2])
 def test_eval_yields_every_test_clip_once(process_count):
   config = tiny_config()
