@@ -46,12 +46,22 @@ class UserError(Exception):
   """A mistake the user can fix; the message names the input or setting and what to do."""
 
 
+def _loaded_modules(name: str) -> list:
+  """The module `name` as imported, and `__main__` when it is `name` run with `python -m` (a second copy)."""
+  modules = [sys.modules.get(name)]
+  main = sys.modules.get('__main__')
+  if getattr(getattr(main, '__spec__', None), 'name', None) == name:
+    modules.append(main)
+  return [m for m in modules if m is not None]
+
+
 def _registered_types() -> tuple:
   types = [UserError]
   for module_name, class_name in USER_ERROR_TYPES:
-    found = getattr(sys.modules.get(module_name), class_name, None)
-    if isinstance(found, type):
-      types.append(found)
+    for module in _loaded_modules(module_name):
+      found = getattr(module, class_name, None)
+      if isinstance(found, type):
+        types.append(found)
   return tuple(types)
 
 
