@@ -11,6 +11,10 @@ and librosa's mel banks, windows and framing differ from Kaldi's. So the steps a
 float32 and in the reference's order of operations, which keeps near-silent frames (where the log sees rounding
 residues) close to it too.
 
+Inputs are refused rather than cleaned: a file with NaN or Inf samples raises NonFiniteAudioError (the file and
+the count named), since one such clip would turn every trained weight into NaN. `load_fbank` reads a file in
+blocks: the mean needs every sample, the fbank only the first ~5 s, so its memory does not grow with the file.
+
 This is a leaf module: it imports nothing from this package.
 """
 import functools
@@ -35,10 +39,15 @@ _FRAME_SHIFT_MS = 10.0
 _PREEMPHASIS = 0.97
 _LOW_FREQ = 20.0
 _LOG_FLOOR = np.finfo(np.float32).eps  # torchaudio floors mel energies at float32 eps before the log
+_BLOCK_FRAMES = 1 << 16  # sample frames (all channels) load_fbank reads at a time
 
 
 class AudioError(ValueError):
   """An audio file is missing, unreadable, corrupt or holds no samples. The message names the file."""
+
+
+class NonFiniteAudioError(AudioError):
+  """Audio holding NaN or Inf samples: refused, not cleaned. The message names the file and how many."""
 
 
 def normalize_fbank(fbank: np.ndarray) -> np.ndarray:
@@ -152,18 +161,38 @@ def fbank_from_waveform(waveform: np.ndarray, sample_rate: float, num_frames: in
                         num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
   """The reference's audio input (num_frames, num_mel_bins) float32 from a float waveform in [-1, 1].
 
-  waveform: (samples,) or (channels, samples). The mean over all channels and samples is subtracted, then the
-  fbank of channel 0 is padded/cut to num_frames and normalised.
+  waveform: (samples,) or (channels, samples). The mean over all channels and samples (accumulated in float64)
+  is subtracted, then the fbank of channel 0 is padded/cut to num_frames and normalised. A waveform with NaN or
+  Inf samples raises NonFiniteAudioError.
   """
   waveform = np.asarray(waveform, dtype=np.float32)
   if waveform.ndim == 1:
     waveform = waveform[None]
   if waveform.ndim != 2:
     raise ValueError(f'waveform must be (samples,) or (channels, samples), got shape {waveform.shape}')
-  if waveform.size:
-    waveform = waveform - waveform.mean(dtype=np.float32)
-  fbank = kaldi_fbank(waveform[0], sample_rate, num_mel_bins, max_frames=num_frames)
+  non_finite = _count_non_finite(waveform)
+  if non_finite:
+    raise NonFiniteAudioError(f'the waveform holds {non_finite} non-finite samples (NaN or Inf) of '
+                              f'{waveform.size}; clean or drop the clip')
+  mean = np.float32(waveform.mean(dtype=np.float64)) if waveform.size else np.float32(0)
+  return _fbank_of_channel(waveform[0], mean, sample_rate, num_frames, num_mel_bins)
+
+
+def _count_non_finite(samples: np.ndarray) -> int:
+  return int(samples.size - np.count_nonzero(np.isfinite(samples)))
+
+
+def _fbank_of_channel(channel: np.ndarray, mean: np.float32, sample_rate: float, num_frames: int,
+                      num_mel_bins: int) -> np.ndarray:
+  """The normalised, padded/cut fbank of one channel after the (all-channel) mean is subtracted."""
+  fbank = kaldi_fbank(channel - mean, sample_rate, num_mel_bins, max_frames=num_frames)
   return normalize_fbank(pad_or_cut(fbank, num_frames))
+
+
+def samples_for_frames(num_frames: int, sample_rate: float) -> int:
+  """How many samples the first num_frames Kaldi frames span (25 ms frames every 10 ms)."""
+  shift, length, _ = _frame_sizes(sample_rate)
+  return length + (max(num_frames, 1) - 1) * shift
 
 
 def _to_unit_float(data: np.ndarray) -> np.ndarray:
@@ -171,6 +200,14 @@ def _to_unit_float(data: np.ndarray) -> np.ndarray:
   if np.issubdtype(data.dtype, np.integer):
     return (data.astype(np.float64) / float(2 ** (8 * data.itemsize - 1))).astype(np.float32)
   return data.astype(np.float32)
+
+
+def _read_dtype(subtype: str) -> str:
+  """The dtype soundfile should decode a subtype to: int32 PCM stays int32 so that 24/32-bit files keep their
+  full precision before scaling; compressed and float formats decode to float32."""
+  if subtype in ('FLOAT', 'DOUBLE', 'VORBIS', 'OPUS', 'MPEG_LAYER_III'):
+    return 'float32'
+  return 'int16' if subtype in ('PCM_16', 'PCM_U8', 'PCM_S8') else 'int32'
 
 
 def read_audio(path: Union[str, Path]) -> Tuple[np.ndarray, int]:
@@ -183,11 +220,7 @@ def read_audio(path: Union[str, Path]) -> Tuple[np.ndarray, int]:
     raise AudioError(f'{path}: no such audio file (give the path of a wav file)')
   try:
     info = soundfile.info(str(path))
-    # int32 PCM is read as int32 so that 24/32-bit files keep their full precision before scaling.
-    dtype = 'int16' if info.subtype in ('PCM_16', 'PCM_U8', 'PCM_S8') else 'int32'
-    if info.subtype in ('FLOAT', 'DOUBLE', 'VORBIS', 'OPUS', 'MPEG_LAYER_III'):
-      dtype = 'float32'
-    data, sample_rate = soundfile.read(str(path), dtype=dtype, always_2d=True)
+    data, sample_rate = soundfile.read(str(path), dtype=_read_dtype(info.subtype), always_2d=True)
     waveform = _to_unit_float(data).T
   except (soundfile.LibsndfileError, RuntimeError) as sf_error:
     waveform, sample_rate = _read_with_librosa(path, sf_error)
@@ -209,11 +242,66 @@ def _read_with_librosa(path: Path, sf_error: Exception) -> Tuple[np.ndarray, int
   return (data[None] if data.ndim == 1 else data), sample_rate
 
 
+def _head_and_mean(path: Path, num_frames: int) -> Tuple[np.ndarray, np.float32, int]:
+  """(channel 0's first samples that num_frames fbank frames need, the mean of all samples, the sample rate),
+  read in blocks so that memory stays O(block + head) however long the file; refuses NaN/Inf anywhere."""
+  with soundfile.SoundFile(str(path)) as sound:
+    dtype, sample_rate = _read_dtype(sound.subtype), sound.samplerate
+    head_samples = samples_for_frames(num_frames, sample_rate)
+    head, head_length, total, count, non_finite = [], 0, 0.0, 0, 0
+    while True:
+      block = _to_unit_float(sound.read(_BLOCK_FRAMES, dtype=dtype, always_2d=True))  # (frames, channels)
+      if not block.size:
+        break
+      non_finite += _count_non_finite(block)
+      if not non_finite:  # (the file is refused otherwise; Inf - Inf would only warn)
+        total += float(block.sum(dtype=np.float64))
+      count += block.size
+      if head_length < head_samples:
+        head.append(block[:head_samples - head_length, 0].copy())
+        head_length += head[-1].shape[0]
+  if count == 0:
+    raise AudioError(f'{path}: the audio file holds no samples')
+  if non_finite:
+    raise NonFiniteAudioError(_non_finite_message(path, non_finite, count))
+  return np.concatenate(head), np.float32(total / count), int(sample_rate)
+
+
 def load_fbank(path: Union[str, Path], num_frames: int = NUM_FRAMES,
                num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
-  """The reference's normalised fbank (num_frames, num_mel_bins) float32 of an audio file at its own rate."""
-  waveform, sample_rate = read_audio(path)
+  """The reference's normalised fbank (num_frames, num_mel_bins) float32 of an audio file at its own rate.
+
+  Files libsndfile reads (wav, flac, ogg, ...) are read in blocks: the mean over all channels and samples is
+  accumulated in float64 and only channel 0's first `samples_for_frames(num_frames)` samples are kept, so memory
+  does not grow with the file (a 1-hour recording costs what a 6-second one does). Other formats go through
+  librosa, whole. A file with any NaN or Inf sample is refused with NonFiniteAudioError (an AudioError naming the
+  file and the count), never turned into a NaN fbank; so are missing, corrupt and empty files (AudioError).
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise AudioError(f'{path}: no such audio file (give the path of a wav file)')
   try:
-    return fbank_from_waveform(waveform, sample_rate, num_frames, num_mel_bins)
-  except ValueError as e:
+    try:
+      head, mean, sample_rate = _head_and_mean(path, num_frames)
+    except (soundfile.LibsndfileError, RuntimeError) as sf_error:  # a format libsndfile does not read
+      return _fbank_with_librosa(path, sf_error, num_frames, num_mel_bins)
+    return _fbank_of_channel(head, mean, sample_rate, num_frames, num_mel_bins)
+  except AudioError:
+    raise
+  except ValueError as e:  # a sample rate too low for Kaldi frames
     raise AudioError(f'{path}: {e}') from e
+
+
+def _non_finite_message(path: Path, non_finite: int, count: int) -> str:
+  return f'{path}: {non_finite} of its {count} samples are not finite (NaN or Inf); replace or drop the file'
+
+
+def _fbank_with_librosa(path: Path, sf_error: Exception, num_frames: int, num_mel_bins: int) -> np.ndarray:
+  """load_fbank of a file libsndfile cannot read: decoded whole by librosa (memory grows with the file)."""
+  waveform, sample_rate = _read_with_librosa(path, sf_error)
+  if waveform.size == 0:
+    raise AudioError(f'{path}: the audio file holds no samples')
+  non_finite = _count_non_finite(waveform)
+  if non_finite:
+    raise NonFiniteAudioError(_non_finite_message(path, non_finite, waveform.size))
+  return fbank_from_waveform(waveform, sample_rate, num_frames, num_mel_bins)

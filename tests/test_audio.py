@@ -76,8 +76,8 @@ def test_stereo_uses_channel_zero_after_the_global_mean(tmp_path):
   stereo = np.stack([left, right], axis=1)
   soundfile.write(tmp_path / 'stereo.wav', stereo, 16000, subtype='FLOAT')
   features = audio.load_fbank(tmp_path / 'stereo.wav')
-  channels_first = np.ascontiguousarray(stereo.T)  # as read_audio lays it out (the float32 mean's order)
-  centred = channels_first - channels_first.mean(dtype=np.float32)
+  channels_first = np.ascontiguousarray(stereo.T)  # as read_audio lays it out
+  centred = channels_first - np.float32(channels_first.mean(dtype=np.float64))
   expected = audio.normalize_fbank(audio.pad_or_cut(audio.kaldi_fbank(centred[0], 16000)))
   np.testing.assert_array_equal(features, expected)
   # channel 0 it is, not channel 1 nor the mix
@@ -168,3 +168,114 @@ def test_empty_file_names_the_path(tmp_path):
   soundfile.write(path, np.zeros((0, 1), np.int16), 16000)
   with pytest.raises(audio.AudioError, match='empty.wav'):
     audio.load_fbank(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite samples are refused; long files are read in blocks.
+
+def _features_as_before(path):
+  """load_fbank as it was before block reading: the whole file, its float32 mean, channel 0."""
+  waveform, sample_rate = audio.read_audio(path)
+  centred = waveform[0] - waveform.mean(dtype=np.float32)
+  return audio.normalize_fbank(audio.pad_or_cut(audio.kaldi_fbank(centred, sample_rate, max_frames=512)))
+
+
+@pytest.mark.parametrize('where', ['head', 'tail'])
+def test_nan_samples_are_refused_with_the_file_and_count(tmp_path, where):
+  signal = _speech_like(16000, 1.0)
+  signal[np.arange(10) * 7 + (100 if where == 'head' else 15000)] = np.nan  # 'tail': past the samples fbank uses
+  path = tmp_path / 'nan.wav'
+  soundfile.write(path, signal, 16000, subtype='FLOAT')
+  with pytest.raises(audio.NonFiniteAudioError, match=r'nan.wav: 10 of its 16000 samples are not finite '
+                                                      r'\(NaN or Inf\); replace or drop the file'):
+    audio.load_fbank(path)
+  assert issubclass(audio.NonFiniteAudioError, audio.AudioError)
+
+
+def test_inf_in_another_channel_and_a_later_block_is_refused(tmp_path):
+  stereo = np.stack([_speech_like(8000, 20.0), _speech_like(8000, 20.0, seed=3)], axis=1)  # 160,000 frames
+  stereo[150_000, 1] = np.inf
+  stereo[150_001, 1] = -np.inf
+  soundfile.write(tmp_path / 'inf.wav', stereo, 8000, subtype='FLOAT')
+  with pytest.raises(audio.NonFiniteAudioError, match='inf.wav: 2 of its 320000 samples are not finite'):
+    audio.load_fbank(tmp_path / 'inf.wav')
+
+
+def test_waveform_with_non_finite_samples_is_refused():
+  waveform = np.stack([_speech_like(16000), _speech_like(16000, seed=1)])
+  waveform[1, 5] = np.nan
+  with pytest.raises(audio.NonFiniteAudioError, match='1 non-finite samples .NaN or Inf. of 32000'):
+    audio.fbank_from_waveform(waveform, 16000)
+
+
+@pytest.mark.parametrize('sample_rate, channels, subtype', [(48000, 2, 'FLOAT'), (44100, 1, 'PCM_16'),
+                                                            (8000, 3, 'PCM_24')])
+def test_block_reading_gives_what_whole_file_reading_gave(tmp_path, sample_rate, channels, subtype):
+  """8 s files: the head the fbank needs spans several blocks (246,480 samples at 48 kHz) and the file goes on."""
+  signal = np.stack([_speech_like(sample_rate, 8.0, seed=s) + 0.1 * s for s in range(channels)], axis=1)
+  path = tmp_path / 'long.wav'
+  soundfile.write(path, np.clip(signal, -1, 1), sample_rate, subtype=subtype)
+  features = audio.load_fbank(path)
+  assert features.shape == (512, 128) and np.isfinite(features).all()
+  assert np.abs(features - _features_as_before(path)).max() <= 1e-5
+  waveform, _ = audio.read_audio(path)
+  np.testing.assert_array_equal(features, audio.fbank_from_waveform(waveform, sample_rate))
+
+
+@pytest.mark.parametrize('name', FIXTURE_WAVS)
+def test_block_reading_of_the_fixture_wavs_gives_what_whole_file_reading_gave(name, reference):
+  path = AUDIO_FIXTURES / f'{name}.wav'
+  assert np.abs(audio.load_fbank(path) - _features_as_before(path)).max() <= 1e-5
+
+
+_PEAK_MEMORY_PROBE = '''
+import json, resource, sys
+from mma_dfer_jax import audio
+audio.load_fbank(sys.argv[1])  # warm: imports, FFT plans, mel banks and the fbank's own buffers
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fbank = audio.load_fbank(sys.argv[2])
+grew_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({'grew_mb': grew_kb / 1024, 'fbank_sum': float(fbank.sum())}))
+'''
+
+
+def test_an_hour_long_recording_is_read_in_bounded_memory(tmp_path):
+  """A 1-hour 8 kHz wav (57.6 MB): the peak resident memory of load_fbank grows by a few MB over a 6-second file
+  (measured 0.6 MB; whole-file reading grew it by 383 MB)."""
+  import json
+  import subprocess
+  import sys
+  from conftest import ROOT
+  sample_rate, minute = 8000, 8000 * 60
+  rng = np.random.default_rng(0)
+  hour, six_seconds = tmp_path / 'hour.wav', tmp_path / 'six.wav'
+  with soundfile.SoundFile(hour, 'w', sample_rate, 1, 'PCM_16') as sound:
+    for k in range(60):
+      t = (np.arange(minute) + k * minute) / sample_rate
+      voice = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(np.pi * t)) + 0.05
+      sound.write(_as_int16(voice + 0.01 * rng.standard_normal(minute)))
+  assert hour.stat().st_size > 57_000_000
+  head, _ = soundfile.read(hour, frames=6 * sample_rate, dtype='int16')
+  soundfile.write(six_seconds, head, sample_rate, subtype='PCM_16')
+  done = subprocess.run([sys.executable, '-c', _PEAK_MEMORY_PROBE, str(six_seconds), str(hour)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  measured = json.loads(done.stdout.splitlines()[-1])
+  assert measured['grew_mb'] < 60, measured
+  # The same first 512 frames as the 6-second file; only the mean (and so rounding) differs.
+  np.testing.assert_allclose(measured['fbank_sum'], float(audio.load_fbank(six_seconds).sum()), rtol=1e-5)
+
+
+@pytest.mark.slow  # librosa's first import can take tens of seconds on a busy machine
+def test_formats_libsndfile_cannot_read_go_through_librosa_whole(tmp_path):
+  import shutil
+  import subprocess
+  if not shutil.which('ffmpeg'):
+    pytest.skip('ffmpeg is needed to write an ALAC .m4a')
+  soundfile.write(tmp_path / 'a.wav', _as_int16(_speech_like(16000, 2.0)), 16000, subtype='PCM_16')
+  subprocess.run(['ffmpeg', '-loglevel', 'error', '-y', '-i', tmp_path / 'a.wav', '-c:a', 'alac', tmp_path / 'a.m4a'],
+                 check=True, timeout=60)
+  with pytest.raises(soundfile.LibsndfileError):
+    soundfile.info(str(tmp_path / 'a.m4a'))
+  # ALAC is lossless, and audioread hands librosa the same 16-bit samples
+  np.testing.assert_array_equal(audio.load_fbank(tmp_path / 'a.m4a'), audio.load_fbank(tmp_path / 'a.wav'))
