@@ -18,6 +18,7 @@ TINY = ['--config.model.width=32', '--config.model.depth=6', '--config.model.num
         '--config.cpu_keep_freed_memory=False']  # keeps this pytest process's allocator as it is
 
 
+@pytest.mark.slow
 def test_main_prints_one_sane_json_line(capsys):
   argv = ['bench', '--config', str(ROOT / 'configs' / 'dfew.py'), *TINY, '--steps', '2', '--warmup', '1']
   assert bench.main(argv) == 0
@@ -110,6 +111,7 @@ F = types.SimpleNamespace(cross_entropy=lambda logits, labels: _Loss())
 '''
 
 
+@pytest.mark.slow
 def test_reference_steps_interleave_with_ours(tmp_path, capsys):
   """`--reference_python/--reference_tool` drive the reference recipe step by step (here a stand-in for torch)."""
   tool = tmp_path / 'fake_torch_mma_dfer.py'

@@ -157,6 +157,7 @@ def _convert_cli(*args):
                         capture_output=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line_writes_a_loadable_checkpoint_and_reports_errors_in_one_line(tmp_path, reference_small):
   sizes = ['--config.model.width=96', '--config.model.num_heads=3', '--config.model.mlp_dim=384']
   done = _convert_cli('released', '--src', reference_small / 'model.pth', '--out', tmp_path / 'out',
@@ -167,6 +168,10 @@ def test_command_line_writes_a_loadable_checkpoint_and_reports_errors_in_one_lin
   jax.tree_util.tree_map(np.testing.assert_array_equal, expected, params)
   failed = _convert_cli('released', '--src', reference_small / 'model.pth', '--out', tmp_path / 'bad',
                         '--config', 'configs/dfew.py')  # ViT-B sizes do not fit the small checkpoint
-  assert failed.returncode != 0
-  assert failed.stderr.strip().splitlines()[-1].startswith('error: ') and 'Traceback' not in failed.stderr
-  assert 'mis-shaped tensors' in failed.stderr
+  assert failed.returncode == 2  # the contract of every command (cli.py)
+  lines = failed.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and 'mis-shaped tensors' in lines[0], failed.stderr
+  assert not (tmp_path / 'bad').exists()  # nothing written
+  again = _convert_cli('released', '--src', reference_small / 'model.pth', '--out', tmp_path / 'out',
+                       '--config', 'configs/dfew.py', *sizes)
+  assert again.returncode == 2 and '--overwrite' in again.stderr  # a checkpoint is never replaced silently

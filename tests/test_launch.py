@@ -40,6 +40,7 @@ def baseline(tmp_path_factory):
   return workdir, summary(workdir)
 
 
+@pytest.mark.slow
 def test_train_writes_summary_logs_and_plots(baseline):
   workdir, result = baseline
   for key in ('war', 'uar', 'epochs', 'steps', 'train_loss', 'trainable_l2'):
@@ -55,6 +56,7 @@ def test_train_writes_summary_logs_and_plots(baseline):
   assert (workdir / 'checkpoints').is_dir()
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_changes_nothing(baseline):
   workdir, result = baseline
   code, _, err = launch(workdir)
@@ -62,6 +64,7 @@ def test_rerun_of_a_finished_run_changes_nothing(baseline):
   assert summary(workdir)['trainable_l2'] == result['trainable_l2']
 
 
+@pytest.mark.slow
 def test_eval_mode_reproduces_the_final_figures(baseline):
   workdir, result = baseline
   code, out, err = launch(workdir, '--mode', 'eval')
@@ -82,6 +85,7 @@ def _wait_for_checkpoint(workdir, step, process, timeout=300):
   raise AssertionError(f'no checkpoint {step} within {timeout} s')
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(baseline, tmp_path):
   _, expected = baseline
   process = launch(tmp_path, wait=False)
@@ -98,6 +102,7 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(baseline, t
   assert result['war'] == expected['war']
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(baseline, tmp_path):
   _, expected = baseline
   process = launch(tmp_path, wait=False)
@@ -110,6 +115,7 @@ def test_sigterm_saves_and_exits_cleanly(baseline, tmp_path):
   assert abs(summary(tmp_path)['trainable_l2'] - expected['trainable_l2']) <= 1e-6
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one(baseline, tmp_path):
   _, expected = baseline
   code, _, err = launch(tmp_path, devices=4)
@@ -123,6 +129,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_of_two_devices_equal_one_of_four(baseline, tmp_path):
   _, expected = baseline
   address = f'127.0.0.1:{_free_port()}'
@@ -134,6 +141,7 @@ def test_two_processes_of_two_devices_equal_one_of_four(baseline, tmp_path):
   assert abs(summary(tmp_path)['trainable_l2'] - expected['trainable_l2']) <= 1e-4
 
 
+@pytest.mark.slow
 def test_cross_validation_table_and_resume(tmp_path):
   code, out, err = launch(tmp_path, '--mode', 'cross_validate', '--folds', '1,2', '--config.num_epochs=1')
   assert code == 0, err[-2000:]

@@ -30,6 +30,7 @@ def forward(config, params, video, audio):
   return np.asarray(logits), {k: np.asarray(v[0]) for k, v in state['intermediates'].items()}
 
 
+@pytest.mark.slow
 def test_logits_and_features_match_reference(released):
   config, params, io = released
   logits, features = forward(config, params, *fixture_inputs(io))
@@ -38,6 +39,7 @@ def test_logits_and_features_match_reference(released):
     np.testing.assert_allclose(features[name], io[name], atol=1e-4, rtol=0, err_msg=name)
 
 
+@pytest.mark.slow
 def test_accepts_reference_audio_layout(released):
   config, params, io = released
   video, audio = fixture_inputs(io)
@@ -46,6 +48,7 @@ def test_accepts_reference_audio_layout(released):
   np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_bfloat16_encoders_close_to_float32(released):
   config, params, io = released
   config = config.copy_and_resolve_references()
@@ -55,6 +58,7 @@ def test_bfloat16_encoders_close_to_float32(released):
   assert np.abs(logits - io['logits']).max() < 5e-2
 
 
+@pytest.mark.slow
 def test_train_mode_drop_path_rate_zero_equals_eval(released):
   config, params, io = released
   config = config.copy_and_resolve_references()
@@ -65,6 +69,7 @@ def test_train_mode_drop_path_rate_zero_equals_eval(released):
   np.testing.assert_allclose(train, io['logits'], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_train_mode_drops_paths(released):
   config, params, io = released
   video, audio = fixture_inputs(io)

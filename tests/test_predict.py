@@ -99,6 +99,7 @@ def check_probabilities(result, names):
   assert result['label'] == max(result['probabilities'], key=result['probabilities'].get)
 
 
+@pytest.mark.slow
 def test_cli_json_on_the_face_clip(tiny_checkpoint, tmp_path):
   """The contract: exactly one JSON object on stdout, from a fresh process."""
   from mma_dfer_jax import labels  # pylint: disable=import-outside-toplevel

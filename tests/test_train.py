@@ -54,6 +54,7 @@ def two_steps(reference_small):
   return config, params, steps, state, losses, gradients
 
 
+@pytest.mark.slow
 def test_two_adamw_steps_match_reference(two_steps, reference_small):
   config, _, steps, state, losses, gradients = two_steps
   np.testing.assert_allclose(losses, steps['losses'], rtol=1e-4)
@@ -79,6 +80,7 @@ def test_two_adamw_steps_match_reference(two_steps, reference_small):
   np.testing.assert_allclose(logits, steps['logits_after_steps'], atol=2e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_strong_steps_see_weight_decay_and_betas(two_steps, reference_small):
   _, params, steps, _, _, _ = two_steps
   config = experiment(lr=float(steps['strong_lr']), wd=float(steps['strong_weight_decay']))
@@ -89,6 +91,7 @@ def test_strong_steps_see_weight_decay_and_betas(two_steps, reference_small):
   np.testing.assert_allclose(logits, steps['strong_logits_after_steps'], atol=2e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_frozen_leaves_are_bit_identical_and_the_rest_moved(two_steps):
   _, params, _, state, _, _ = two_steps
   before, after = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(state.params)
@@ -99,6 +102,7 @@ def test_frozen_leaves_are_bit_identical_and_the_rest_moved(two_steps):
       assert not np.array_equal(after[path], before[path]), '/'.join(path)
 
 
+@pytest.mark.slow
 def test_optimizer_state_covers_exactly_the_trainable_parameters(two_steps):
   _, params, _, state, _, _ = two_steps
   trainable, frozen = train.partition(params)
@@ -115,6 +119,7 @@ def test_optimizer_state_covers_exactly_the_trainable_parameters(two_steps):
                           'layers/audio_block/norm2', 'layers/audio_block/attn', 'layers/audio_block/mlp'}
 
 
+@pytest.mark.slow
 def test_every_adapter_receives_gradient(two_steps):
   config, params, steps, _, _, _ = two_steps
   state = train.create_train_state(config, params)
