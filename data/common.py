@@ -13,7 +13,7 @@ A dataset is built one fold at a time: builder config `fold<k>` writes the split
               otherwise (MAFW: len(frames) - 1, see data/mafw/README.md)
 
 Bad input does not stop a build: a clip without frames or with a frame that does not decode is left out; a clip
-without audio gets the silent fbank. Both are counted, logged and listed in the dataset's metadata
+without audio, or whose wav holds NaN/Inf samples, gets the silent fbank. Both are counted, logged and listed in the dataset's metadata
 (`<version dir>/metadata.json`, `builder.info.metadata`). A malformed annotation line or a label outside the class
 range is an error naming the file and line (AnnotationError), raised before anything is written.
 
@@ -181,6 +181,7 @@ class Prepared:
   excluded: str = ''          # why the clip was left out ('' when it was not)
   silent: bool = False        # stored with the silent fbank
   audio_note: str = ''        # why it has no audio
+  bad_audio: bool = False     # its wav holds NaN/Inf samples (stored with the silent fbank, counted apart)
   mixed_sizes: bool = False   # its frames differ in size (stored and listed; the pipeline handles it as the reference)
 
 
@@ -228,7 +229,9 @@ def _cached_fbank(wav: Path, cache: Path) -> np.ndarray:
   path = cache / f'{wav.stem}_{key}.npy'
   if path.is_file():
     try:
-      return np.load(path)
+      cached = np.load(path)
+      if np.isfinite(cached).all():  # older builds cached fbanks of NaN audio; those are computed (refused) again
+        return cached
     except (OSError, ValueError):
       pass  # a damaged cache file is computed again
   fbank = audio_lib.load_fbank(wav)
@@ -240,15 +243,18 @@ def _cached_fbank(wav: Path, cache: Path) -> np.ndarray:
   return fbank
 
 
-def fbank_for(clip: Clip, wav_cache: Path, fbank_cache: Path) -> Tuple[np.ndarray, str]:
-  """(normalised fbank, why it is silent or '')."""
+def fbank_for(clip: Clip, wav_cache: Path, fbank_cache: Path) -> Tuple[np.ndarray, str, bool]:
+  """(normalised fbank, why it is silent or '', whether the wav holds non-finite samples). A wav with NaN/Inf
+  samples gets the silent fbank (audio.load_fbank refuses it), so no NaN reaches a record."""
   wav, note = wav_for(clip, wav_cache)
   if wav is None:
-    return audio_lib.silent_fbank(), note
+    return audio_lib.silent_fbank(), note, False
   try:
-    return _cached_fbank(wav, fbank_cache), ''
+    return _cached_fbank(wav, fbank_cache), '', False
+  except audio_lib.NonFiniteAudioError as e:
+    return audio_lib.silent_fbank(), str(e), True
   except audio_lib.AudioError as e:
-    return audio_lib.silent_fbank(), str(e)
+    return audio_lib.silent_fbank(), str(e), False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,10 +275,11 @@ def prepare_clip(job: Tuple[Clip, Caches]) -> Prepared:
   encoded, problem, mixed = read_frames(clip)
   if problem:
     return Prepared(clip.id, excluded=problem)
-  fbank, audio_note = fbank_for(clip, caches.wav, caches.fbank)
+  fbank, audio_note, bad_audio = fbank_for(clip, caches.wav, caches.fbank)
   example = {'frames': encoded, 'fbank': fbank.astype(np.float32), 'label': clip.label, 'id': clip.id,
              'has_audio': not audio_note, 'num_frames': len(encoded)}
-  return Prepared(clip.id, example, silent=bool(audio_note), audio_note=audio_note, mixed_sizes=mixed)
+  return Prepared(clip.id, example, silent=bool(audio_note), audio_note=audio_note, mixed_sizes=mixed,
+                  bad_audio=bad_audio)
 
 
 def prepared_clips(clips: Sequence[Clip], caches: Caches, workers: int, desc: str) -> Iterator[Prepared]:
@@ -361,7 +368,8 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             for split in SPLITS}
 
   def _generate_examples(self, clips, caches, split):
-    report = {'clips': len(clips), 'stored': 0, 'excluded': {}, 'silent_audio': {}, 'mixed_frame_sizes': []}
+    report = {'clips': len(clips), 'stored': 0, 'excluded': {}, 'silent_audio': {}, 'non_finite_audio': [],
+              'mixed_frame_sizes': []}
     for prepared in prepared_clips(clips, caches, self._workers, f'{self.name} {split}'):
       if prepared.excluded:
         log.warning('%s %s: clip %s left out: %s', self.name, split, prepared.id, prepared.excluded)
@@ -371,15 +379,19 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         log.info('%s %s: clip %s has no audio (%s); silent fbank', self.name, split, prepared.id,
                  prepared.audio_note)
         report['silent_audio'][prepared.id] = prepared.audio_note
+      if prepared.bad_audio:
+        log.warning('%s %s: clip %s: %s; stored with the silent fbank', self.name, split, prepared.id,
+                    prepared.audio_note)
+        report['non_finite_audio'].append(prepared.id)
       if prepared.mixed_sizes:
         report['mixed_frame_sizes'].append(prepared.id)
       report['stored'] += 1
       example = dict(prepared.example, num_frames=self.sampling_frame_count(len(prepared.example['frames'])))
       yield prepared.id, example
     self.info.metadata[split] = report
-    log.warning('%s %s: %d clips stored, %d left out, %d with silent audio, %d with frames of mixed sizes',
-                self.name, split, report['stored'], len(report['excluded']), len(report['silent_audio']),
-                len(report['mixed_frame_sizes']))
+    log.warning('%s %s: %d clips stored, %d left out, %d with silent audio (%d of them NaN/Inf in the wav), %d '
+                'with frames of mixed sizes', self.name, split, report['stored'], len(report['excluded']),
+                len(report['silent_audio']), len(report['non_finite_audio']), len(report['mixed_frame_sizes']))
 
 
 def remove_stale_incomplete(builder: tfds.core.DatasetBuilder) -> List[Path]:

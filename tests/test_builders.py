@@ -528,3 +528,17 @@ def test_dfew_clip_folders_are_found_in_part_folders_and_twice_is_an_error(tmp_p
   (root / 'clip_224x224_part_2' / '00001').mkdir()
   with pytest.raises(common.AnnotationError, match=r'clip 00001 is in two folders'):
     common.find_clip_folders(dfew.frame_roots(tmp_path))
+
+
+def test_a_wav_with_nan_samples_is_counted_and_never_stored(tmp_path):
+  manual = make_mafw(tmp_path / 'MAFW')
+  wav = manual / 'clips_wav' / '00008.wav'
+  samples = 0.3 * np.sin(np.arange(16000) / 10.0).astype(np.float32)
+  samples[100:110] = np.nan
+  soundfile.write(wav, samples, 16000, subtype='FLOAT')
+  version_dir = common.build(mafw.Mafw, manual, tmp_path / 'out', [1])[1]
+  test = json.loads((version_dir / 'metadata.json').read_text())['fold1_test']
+  assert test['non_finite_audio'] == ['00008'] and 'not finite' in test['silent_audio']['00008']
+  source = input_pipeline.get_source(tiny_config(mafw_config, tmp_path / 'out'), 'test')
+  record = next(source[i] for i in range(len(source)) if _text(source[i]['id']) == '00008')
+  assert not bool(record['has_audio']) and np.isfinite(record['fbank']).all()
