@@ -37,6 +37,7 @@ USER_ERROR_TYPES = (
     ('mma_dfer_jax.predict', 'PredictError'),
     ('mma_dfer_jax.video', 'VideoError'),
     ('mma_dfer_jax.checkpoint', 'CheckpointNotFoundError'),
+    ('mma_dfer_jax.distributed', 'DistributedConfigError'),
 )
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
 DATASETS = ('dfew', 'mafw', 'synthetic')
