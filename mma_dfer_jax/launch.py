@@ -21,7 +21,12 @@ FLAGS = flags.FLAGS
 MODES = ('train', 'eval', 'cross_validate')
 
 
+FLAG_NAMES = ('config', 'workdir', 'mode', 'folds', 'coordinator_address', 'num_processes', 'process_id',
+              'cpu_collectives_gloo')
+
+
 def define_flags(argv) -> None:
+  """The command's flags, listed by --help under the program being run (launch.py or mma-dfer-train)."""
   cli.define_config_flag(FLAGS, argv, 'Experiment config file, e.g. configs/mafw.py.')
   flags.DEFINE_string('workdir', None, 'Where checkpoints, logs, plots and summary.json go.')
   flags.DEFINE_enum('mode', 'train', list(MODES), 'What to run.')
@@ -30,6 +35,8 @@ def define_flags(argv) -> None:
   flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
   flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
   flags.DEFINE_bool('cpu_collectives_gloo', True, 'Use gloo for cross-process collectives on CPU.')
+  for name in FLAG_NAMES:  # absl's --help lists the flags of the module named like sys.argv[0]
+    FLAGS.register_flag_by_module(argv[0], FLAGS[name])
 
 
 def initialize_distributed():
