@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mma_dfer_jax import cpu_kernels
 from mma_dfer_jax.models import MMADFER
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
@@ -101,8 +102,10 @@ class TrainState:
   options: StepOptions = flax.struct.field(pytree_node=False)
 
 
-def create_train_state(config, params, steps_per_epoch=None) -> TrainState:
-  model = MMADFER(ml_collections.FrozenConfigDict(config.model))
+def create_train_state(config, params, steps_per_epoch=None, platforms=None) -> TrainState:
+  # The attention/matmul implementations are fixed here for the platform(s) the steps are compiled for (default:
+  # this host's backend and device count), not picked from the tracing host (cpu_kernels.resolve_implementations).
+  model = MMADFER(ml_collections.FrozenConfigDict(cpu_kernels.resolved_model_config(config.model, platforms)))
   tx = optimizer(config, steps_per_epoch)
   # A copy: the step donates the state's buffers, which must not invalidate the caller's `params`.
   params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)

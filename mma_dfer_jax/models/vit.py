@@ -41,22 +41,17 @@ def _einsum_attention(qkv: jax.Array) -> jax.Array:
   return jnp.swapaxes(out, 1, 2)
 
 
-def _default_attention_impl(dtype: Dtype) -> str | None:
-  """On CPU the fused kernel (float32, one device) or else the einsum form; elsewhere dot_product_attention's choice."""
-  if jax.default_backend() != 'cpu':
-    return None
-  if cpu_kernels.suited(dtype) and cpu_kernels.available():
-    return 'cpu_fused'
-  return 'einsum'
+def _default_attention_impl(dtype: Dtype) -> str:
+  """For a config left at '' (a model built outside `train.create_train_state`): the choice for this host's backend
+  and device count (`cpu_kernels.default_implementations`)."""
+  return cpu_kernels.default_implementations(dtype)['attention_impl']
 
 
-def resolved_impls(model_config) -> dict[str, str]:
-  """What the encoder blocks run on this backend: {'attention': ..., 'matmul': ...} (recorded by the benchmark)."""
-  dtype = jnp.dtype(model_config.dtype)
-  attention = model_config.attention_impl or _default_attention_impl(dtype) or 'dot_product_attention'
-  blas = cpu_kernels.dense_dot_general(model_config.get('matmul_impl', ''), dtype) is not None
-  uses_blas = blas and cpu_kernels.available()
-  return {'attention': attention, 'matmul': 'openblas' if uses_blas else 'xla'}
+def resolved_impls(model_config, platforms=None) -> dict[str, str]:
+  """What the encoder blocks run when compiled for `platforms` (default: this host's backend):
+  {'attention': ..., 'matmul': ...} (recorded by the benchmark)."""
+  chosen = cpu_kernels.resolve_implementations(model_config, platforms)
+  return {'attention': chosen['attention_impl'], 'matmul': chosen['matmul_impl']}
 
 
 class Attention(nn.Module):
