@@ -1,6 +1,7 @@
 """Recognise the emotion in a raw video file with a trained (or converted) MMA-DFER checkpoint.
 
   python -m mma_dfer_jax.predict VIDEO --checkpoint DIR [--config configs/X.py] [--json] [--save-frames out.png]
+  python -m mma_dfer_jax.predict VIDEO --checkpoint DIR --timeline OUT_DIR [--window S --hop S]  (timeline.py)
 
 The clip goes through the same steps as a test clip of the reference: 16 frames at the test-time segment centres,
 face crops (the MAFW rule, see faces.py), resized to the model's img_size, scaled to [0, 1]; the audio track's
@@ -85,11 +86,41 @@ def _test_indices(num_segments):
   return lambda num_frames: frame_indices(num_frames, train=False, num_segments=num_segments)
 
 
-def _fbank(clip, model_config):
+def _fbank(audio, sample_rate, model_config):
   from mma_dfer_jax import audio as audio_lib  # pylint: disable=import-outside-toplevel
-  if clip.audio is None:
+  if audio is None:
     return audio_lib.silent_fbank(model_config.audio_frames)
-  return audio_lib.fbank_from_waveform(clip.audio, clip.sample_rate, num_frames=model_config.audio_frames)
+  return audio_lib.fbank_from_waveform(audio, sample_rate, num_frames=model_config.audio_frames)
+
+
+def clip_inputs(frames, audio, sample_rate, model_config, face_boxes=None):
+  """The model's inputs for one clip from its decoded frames and audio samples (shared by predict and timeline).
+
+  Args:
+    frames: the clip's sampled frames (its test-time indices), RGB uint8 (H, W, 3) each, as video.read_video
+      gives them.
+    audio: the clip's audio (channels, samples) float32 on the PCM16 grid, or None when there is no track (the
+      silent fbank).
+    sample_rate: the audio's own rate.
+    model_config: config.model (img_size, audio_frames).
+    face_boxes: each frame's detected face box (faces.union_box of its detections, None where none), when the
+      caller already knows them; detected here otherwise. The crop rule is faces.face_crops's.
+  Returns:
+    (crops (T, img_size, img_size, 3) uint8, fbank (audio_frames, mels) float32, face_detected, seconds spent
+    {'faces', 'audio'}).
+  """
+  t = time.perf_counter()
+  if face_boxes is None:
+    face_boxes = [faces.union_box(faces.detect_faces(f)) for f in frames]
+  face_detected = any(b is not None for b in face_boxes)
+  smoothed = faces.smooth_boxes(face_boxes)
+  crops = np.stack([faces.resize_crop(faces.crop_box(f, b), model_config.img_size)
+                    for f, b in zip(frames, smoothed)])
+  seconds = {'faces': time.perf_counter() - t}
+  t = time.perf_counter()
+  fbank = np.asarray(_fbank(audio, sample_rate, model_config), dtype=np.float32)
+  seconds['audio'] = time.perf_counter() - t
+  return crops, fbank, face_detected, seconds
 
 
 def _class_names(config):
@@ -115,13 +146,8 @@ def predict_video(path, params, config, save_frames: Optional[str] = None) -> di
   clip = video_lib.read_video(path, pick=_test_indices(model_config.num_frames), max_side=MAX_FRAME_SIDE)
   timings['decode'] = time.perf_counter() - start
 
-  t = time.perf_counter()
-  crops, face_detected = faces.face_crops(clip.frames, model_config.img_size)
-  timings['faces'] = time.perf_counter() - t
-
-  t = time.perf_counter()
-  fbank = np.asarray(_fbank(clip, model_config), dtype=np.float32)
-  timings['audio'] = time.perf_counter() - t
+  crops, fbank, face_detected, seconds = clip_inputs(clip.frames, clip.audio, clip.sample_rate, model_config)
+  timings.update(seconds)
 
   t = time.perf_counter()
   video_in = (crops.astype(np.float32) / 255.0)[None]
@@ -292,13 +318,24 @@ def parse_args(argv):
   parser.add_argument('--config', help='experiment config file; replaces the config stored with the checkpoint')
   parser.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
   parser.add_argument('--save-frames', metavar='PNG', help='write a montage of the 16 face crops here')
-  return parser.parse_args(argv)
+  parser.add_argument('--timeline', metavar='OUT_DIR', help='the emotion over time instead: timeline.csv, .json '
+                      'and .png of a sliding window (see timeline.py)')
+  parser.add_argument('--window', type=float, metavar='S', help='--timeline window length in seconds (default 2)')
+  parser.add_argument('--hop', type=float, metavar='S', help='--timeline step between windows in seconds (default 1)')
+  args = parser.parse_args(argv)
+  if args.timeline is None and (args.window is not None or args.hop is not None):
+    raise cli.UserError('--window and --hop set the timeline\'s windows; add --timeline OUT_DIR')
+  return args
 
 
 def _predict(argv) -> int:
   args = parse_args(argv)
   if not Path(args.video).is_file():
     raise PredictError(f'{args.video}: no such video file')
+  if args.timeline is not None:  # the emotion over time: timeline.py (checks its settings before the model loads)
+    from mma_dfer_jax import timeline  # pylint: disable=import-outside-toplevel
+    timeline.check_args(args)
+    return timeline.run_command(args, *load_model(args.checkpoint, args.config))
   start = time.perf_counter()
   params, config = load_model(args.checkpoint, args.config)
   load_seconds = time.perf_counter() - start

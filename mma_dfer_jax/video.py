@@ -15,7 +15,7 @@ This is a leaf module: it imports nothing from this package.
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import av
 import numpy as np
@@ -338,3 +338,81 @@ def _transcode_to_wav(container, in_stream, out_path) -> bool:
   finally:
     if out is not None:
       out.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming: a long video frame by frame and its audio block by block, with memory that does not grow with the file
+# (the emotion timeline). The frames and samples are those `read_video` gives for the same file.
+
+
+@dataclasses.dataclass
+class StreamInfo:
+  fps: float                      # the video stream's own frame rate
+  declared_frames: Optional[int]  # frames the header announces (None when it does not say)
+  has_audio: bool                 # the file has an audio track
+
+
+def probe(path) -> StreamInfo:
+  """What the header says about a video file, without decoding it."""
+  container = _open(path)
+  try:
+    stream = _video_stream(container, path)
+    declared, _ = _declared_frames(container, stream)
+    return StreamInfo(fps=_frame_rate(stream), declared_frames=declared, has_audio=bool(container.streams.audio))
+  finally:
+    container.close()
+
+
+def frame_to_rgb(frame, max_side: Optional[int] = None) -> np.ndarray:
+  """A PyAV frame as `read_video` converts it: RGB uint8 (H, W, 3), upright, longer side at most max_side."""
+  return _to_rgb(frame, max_side)
+
+
+def iter_video_frames(path) -> Iterator['av.VideoFrame']:
+  """Every decoded frame of the first video stream as an (unconverted) PyAV frame, in presentation order.
+
+  The packets go through the decoder as in `read_video` (damaged ones skipped, the decoder flushed at the end), so
+  frame k here is frame k there; convert the ones you keep with `frame_to_rgb` (the conversion is what costs).
+  Only the frames the decoder holds for reordering are in memory.
+  """
+  container = _open(path)
+  try:
+    stream = _video_stream(container, path)
+    codec = stream.codec_context
+    errors = [0]
+    for packet in container.demux(stream):
+      if packet.size:  # the demuxer's empty flush packet; the decoder is flushed below as read_video does
+        yield from _decode_packet(codec.decode, packet, errors)
+    yield from codec.decode(None)
+  except av.FFmpegError as e:
+    raise VideoError(f'{path}: decoding failed ({e}); the file may be corrupt or truncated') from e
+  finally:
+    container.close()
+
+
+def iter_audio_blocks(path) -> Iterator[Tuple[np.ndarray, int]]:
+  """The first audio track in consecutive blocks ((channels, samples) float32 on the PCM16 grid, sample_rate).
+
+  Concatenated, the blocks are exactly the `audio` of `read_video`; nothing when the file has no audio track.
+  """
+  container = _open(path)
+  try:
+    if not container.streams.audio:
+      return
+    collector = _AudioCollector(container.streams.audio[0])
+    for packet in container.demux(collector.stream):
+      collector.decode(packet)
+      yield from _take_blocks(collector)
+    if collector.resampler is not None:
+      collector.blocks.extend(converted.to_ndarray() for converted in collector.resampler.resample(None))
+    yield from _take_blocks(collector)
+  except av.FFmpegError as e:
+    raise VideoError(f'{path}: decoding its audio failed ({e}); the file may be corrupt or truncated') from e
+  finally:
+    container.close()
+
+
+def _take_blocks(collector):
+  blocks, collector.blocks = collector.blocks, []
+  for block in blocks:
+    yield block.astype(np.float32) / 32768.0, collector.sample_rate  # as `_AudioCollector.finish` scales them
