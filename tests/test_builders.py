@@ -542,3 +542,38 @@ def test_a_wav_with_nan_samples_is_counted_and_never_stored(tmp_path):
   source = input_pipeline.get_source(tiny_config(mafw_config, tmp_path / 'out'), 'test')
   record = next(source[i] for i in range(len(source)) if _text(source[i]['id']) == '00008')
   assert not bool(record['has_audio']) and np.isfinite(record['fbank']).all()
+
+
+@pytest.mark.slow
+def test_a_released_format_mafw_checkpoint_reads_with_the_reference_class_names(tmp_path, reference_small):
+  """A released-format MAFW model (the fixture's weights with an 11-way classifier that always answers index 3),
+  converted and evaluated on a miniature MAFW build: every prediction is the reference's 'anger', and the clip the
+  split file calls anger is the one counted right."""
+  from conftest import small_model_config  # pylint: disable=import-outside-toplevel
+  from test_pth_reader import _tensor, _write_pth  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import checkpoint, convert, experiment, pth_reader  # pylint: disable=import-outside-toplevel
+  tensors = pth_reader.state_dict(pth_reader.load_pth(reference_small / 'model.pth'))
+  tensors['module.our_classifier.weight'] = np.zeros((11, 512), np.float32)
+  tensors['module.our_classifier.bias'] = np.eye(11, dtype=np.float32)[REFERENCE_MAFW['anger']] * 10
+  ops, storages = {}, {}
+  for k, (name, array) in enumerate(tensors.items()):
+    array = np.ascontiguousarray(array, np.float32)
+    strides = tuple(s // 4 for s in array.strides)
+    ops[name] = _tensor(str(k), array.size, 0, array.shape, strides)
+    storages[str(k)] = array.tobytes()
+  released = _write_pth(tmp_path / 'model.pth', ops, storages)
+  manual, _ = make_mafw_all_classes(tmp_path / 'MAFW')
+  common.build(mafw.Mafw, manual, tmp_path / 'out', [1])
+  config = tiny_config(mafw_config, tmp_path / 'out')
+  config.model = small_model_config(num_classes=11)
+  params = convert.load_released_checkpoint(released, config.model)
+  checkpoint.save_params(tmp_path / 'converted', params, config)
+  config.init.checkpoint = str(tmp_path / 'converted')
+  result = experiment.evaluate_checkpoint(config, tmp_path / 'eval')
+  matrix = np.array(result['confusion_matrix'])  # rows: the split files' classes; columns: the model's answers
+  anger = labels.class_names('mafw', 11).index('anger')
+  assert matrix.sum() == 3 and matrix[:, anger].sum() == 3  # happiness, disappointment, anger: all answered anger
+  assert anger == REFERENCE_MAFW['anger']
+  for name in ('happiness', 'disappointment', 'anger'):  # each test clip sits in the row of its split-file name
+    assert matrix[REFERENCE_MAFW[name]].sum() == 1 and matrix[REFERENCE_MAFW[name], anger] == 1
+  assert abs(result['war'] - 100 / 3) < 1e-6
