@@ -138,6 +138,7 @@ print(json.dumps(results))
 '''
 
 
+@pytest.mark.slow  # the 224-px 12-layer model (lowering only: 11-20 s here)
 def test_paper_train_and_eval_steps_export_for_accelerators_from_an_8_device_cpu_mesh():
   """DFEW's ViT-B, 224 px, 16 frames, batch 8, sharded over 8 CPU devices, lowered (no arrays) for cuda and tpu."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
@@ -226,44 +227,38 @@ for name in ('flax', 'mma_dfer_jax'):
     pass
   else:
     raise SystemExit(f'{name} could be imported')
-loader_path, mode, *rest = sys.argv[1:]
-if mode == 'cli':
-  sys.argv = [loader_path, *rest]
-  runpy.run_path(loader_path, run_name='__main__')
-else:
-  import numpy as np
-  loader = runpy.run_path(loader_path)
-  model = loader['load'](rest[0])
-  video, audio = np.load(rest[1]), np.load(rest[2])
-  out = {str(n): model(video[:n], audio[:n]).tolist() for n in (1, 3)}
-  assert not any(m.split('.')[0] in ('flax', 'mma_dfer_jax') for m in sys.modules)
-  print(json.dumps(out))
+loader_path, artifact, video, audio, clip, clip_audio = sys.argv[1:]
+import numpy as np
+loader = runpy.run_path(loader_path)  # as a module: its load() ...
+model = loader['load'](artifact)
+video, audio = np.load(video), np.load(audio)
+print(json.dumps({str(n): model(video[:n], audio[:n]).tolist() for n in (1, 3)}))
+sys.argv = [loader_path, artifact, clip, clip_audio]
+try:
+  runpy.run_path(loader_path, run_name='__main__')  # ... and as the script
+except SystemExit as e:
+  assert not e.code, e.code
+assert not any(m.split('.')[0] in ('flax', 'mma_dfer_jax') for m in sys.modules)
 '''
 
 
-def _run_without_flax(tmp_path, *args):
+@pytest.mark.slow  # 20-26 s on the loaded 2-core machine (a fresh process compiles the module twice)
+def test_portable_loader_runs_without_flax_or_the_package(demo_model, artifact, tmp_path):
+  """Its load() at batch 1 and 3, then the command line on one clip (T, H, W, 3), where flax and the package fail to
+  import: both equal the Flax model's probabilities."""
+  files = {name: tmp_path / f'{name}.npy' for name in ('video', 'audio', 'clip', 'clip_audio')}
+  for name, array in (('video', demo_model['video']), ('audio', demo_model['audio']),
+                      ('clip', demo_model['video'][1]), ('clip_audio', demo_model['audio'][1])):
+    np.save(files[name], array)
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   env['JAX_PLATFORMS'] = 'cpu'
-  return subprocess.run([sys.executable, '-c', BLOCKING_PRELUDE, str(LOADER), *map(str, args)], capture_output=True,
-                        text=True, env=env, cwd=tmp_path, timeout=300, check=False)
-
-
-def test_portable_loader_runs_without_flax_or_the_package(demo_model, artifact, tmp_path):
-  video, audio = tmp_path / 'video.npy', tmp_path / 'audio.npy'
-  np.save(video, demo_model['video'])
-  np.save(audio, demo_model['audio'])
-  result = _run_without_flax(tmp_path, 'load', artifact, video, audio)
+  result = subprocess.run([sys.executable, '-c', BLOCKING_PRELUDE, str(LOADER), str(artifact), *map(str, files.values())],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  got = json.loads(result.stdout.strip().splitlines()[-1])
+  batches, line = result.stdout.strip().splitlines()
+  got = json.loads(batches)
   for n in (1, 3):
     np.testing.assert_allclose(np.asarray(got[str(n)]), demo_model['expected'][:n], atol=1e-5, rtol=0)
-
-  one_clip = tmp_path / 'clip.npy'
-  np.save(one_clip, demo_model['video'][1])  # (T, H, W, 3): the command line adds the batch axis
-  np.save(audio, demo_model['audio'][1])
-  result = _run_without_flax(tmp_path, 'cli', artifact, one_clip, audio)
-  assert result.returncode == 0, result.stderr[-3000:]
-  (line,) = result.stdout.strip().splitlines()
   record = json.loads(line)
   names = ['happiness', 'sadness', 'neutral', 'anger']
   assert list(record['probabilities']) == names
