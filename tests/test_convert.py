@@ -88,6 +88,7 @@ def test_every_reference_tensor_is_accounted_for(reference_tensors):
   assert dropped == heads | norm2 and len(norm2) == 4
 
 
+@pytest.mark.slow
 def test_init_from_ssl_equals_released_backbone(reference_small):
   config = small_model_config()
   released = flax.traverse_util.flatten_dict(convert.load_released_checkpoint(reference_small / 'model.pth', config))

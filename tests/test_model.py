@@ -84,6 +84,7 @@ def test_train_mode_drops_paths(released):
     dict(width=48, depth=18, num_heads=4, mlp_dim=96, img_size=48, num_frames=8, num_classes=3,
          audio_frames=256, audio_mels=64, fusion_width=32, temporal_layers=1),
 ])
+@pytest.mark.slow
 def test_other_sizes_build_and_run(sizes):
   config = small_model_config(**sizes)
   n = 2
@@ -107,6 +108,7 @@ def test_depth_not_multiple_of_six_is_an_error():
     jax.eval_shape(MMADFER(config).init, jax.random.key(0), jnp.zeros((1, 16, 224, 224, 3)), jnp.zeros((1, 512, 128)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('policy,attention', [('dots_with_no_batch_dims_saveable', 'einsum'),
                                               ('dots_and_attention_probs', 'einsum'),
                                               ('dots_with_no_batch_dims_saveable', 'cpu_fused')])

@@ -51,16 +51,16 @@ def write_config(path, dataset):
 @pytest.fixture(scope='session')
 def tiny_checkpoint(tmp_path_factory):
   """A checkpoint of a tiny random MAFW-class model (11 classes), written as `convert` writes one."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import flax  # pylint: disable=import-outside-toplevel
   from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  from mma_dfer_jax.models import MMADFER  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import convert  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('predict')
   config = predict.load_config_file(write_config(root / 'tiny_mafw.py', 'mafw'))
-  m = config.model
-  video = np.zeros((1, m.num_frames, m.img_size, m.img_size, 3), np.float32)
-  audio = np.zeros((1, m.audio_frames, m.audio_mels), np.float32)
-  params = MMADFER(m).init(jax.random.PRNGKey(0), video, audio, train=False)['params']
-  return checkpoint.save_params(root / 'ckpt', params, config), root
+  # Random values at the model's shapes, drawn with numpy: running the model's init would compile it once more.
+  rng = np.random.default_rng(0)
+  flat = {path: rng.normal(0.0, 0.02, shape).astype(np.float32)
+          for path, shape in convert.param_shapes(config.model).items()}
+  return checkpoint.save_params(root / 'ckpt', flax.traverse_util.unflatten_dict(flat), config), root
 
 
 @pytest.fixture(scope='session')

@@ -150,6 +150,7 @@ def tiny_setup(batch_size=4, **overrides):
   return config, params, batch
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_large_batch():
   config, params, batch = tiny_setup()
   config.model.drop_path_rate = 0.0
@@ -160,6 +161,7 @@ def test_gradient_accumulation_equals_one_large_batch():
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), one.params, two.params)
 
 
+@pytest.mark.slow
 def test_step_compiles_once_per_shape():
   config, params, batch = tiny_setup()
   state = train.create_train_state(config, params)
@@ -171,6 +173,7 @@ def test_step_compiles_once_per_shape():
   assert int(state.step) == 4
 
 
+@pytest.mark.slow
 def test_frozen_weight_gradients_are_not_computed():
   """Backprop through frozen blocks costs one activation-gradient pass (about 1x the forward FLOPs); computing their
   weight gradients would add about another 1x. The compiled step must stay well under 3x the forward."""
