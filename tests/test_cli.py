@@ -82,7 +82,7 @@ def test_every_registered_error_type_exists():
 def test_console_scripts_point_at_callables():
   import importlib  # pylint: disable=import-outside-toplevel
   scripts = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['scripts']
-  assert set(scripts) == {'mma-dfer-train', 'mma-dfer-convert', 'mma-dfer-predict', 'mma-dfer-bench'}
+  assert {'mma-dfer-train', 'mma-dfer-convert', 'mma-dfer-predict', 'mma-dfer-bench'} <= set(scripts)
   for target in scripts.values():
     module_name, function = target.split(':')
     assert callable(getattr(importlib.import_module(module_name), function)), target
