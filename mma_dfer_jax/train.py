@@ -92,6 +92,24 @@ class StepOptions:
   num_classes: int = 7
 
 
+def _stored_in_compute_dtype(path: tuple) -> bool:
+  """Frozen leaves that the model casts to its compute dtype before every use: Dense/Conv kernels and biases, the
+  cls tokens. LayerNorm scales and biases enter the normalisation's float32 arithmetic, so they are not."""
+  name = path[-1]
+  return is_frozen(path) and (name in ('kernel', 'cls_token') or (name == 'bias' and 'norm' not in path[-2]))
+
+
+def device_params(params, compute_dtype):
+  """A copy of `params` in the dtypes the train state keeps: frozen weights the model computes with in
+  `compute_dtype` are stored in it (with bfloat16, half the device memory and the same numbers the model used to
+  cast to at every step); the trainable leaves (and so the optimizer state) and every other leaf in float32."""
+  compute_dtype = jnp.dtype(compute_dtype)
+  flat = flax.traverse_util.flatten_dict(params)
+  stored = {p: jnp.array(v, dtype=compute_dtype if _stored_in_compute_dtype(p) else jnp.float32, copy=True)
+            for p, v in flat.items()}
+  return flax.traverse_util.unflatten_dict(stored)
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -108,7 +126,7 @@ def create_train_state(config, params, steps_per_epoch=None, platforms=None) -> 
   model = MMADFER(ml_collections.FrozenConfigDict(cpu_kernels.resolved_model_config(config.model, platforms)))
   tx = optimizer(config, steps_per_epoch)
   # A copy: the step donates the state's buffers, which must not invalidate the caller's `params`.
-  params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
+  params = device_params(params, config.model.dtype)
   trainable, _ = partition(params)
   options = StepOptions(float(config.get('label_smoothing', 0.0)), int(config.get('grad_accum_steps', 1)),
                         int(config.model.num_classes))
@@ -140,15 +158,29 @@ def _loss_and_grads(state, trainable, frozen, batch, rng):
   return jax.value_and_grad(loss_fn)(trainable)
 
 
+def split_micro_batches(batch, k: int):
+  """(B, ...) -> (k, B/k, ...) where micro-batch i holds rows i, i+k, i+2k, ... of the batch.
+
+  Interleaved rather than contiguous: on a mesh the batch axis is split over the devices in contiguous blocks, so
+  every micro-batch takes B/(k*D) rows of each device's own block and stays sharded over the same devices, with no
+  data moving between them (contiguous micro-batches would all-gather the batch in the loop). The micro-batches do
+  not depend on the number of devices.
+  """
+  def split(x):
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+  return jax.tree_util.tree_map(split, batch)
+
+
 def _accumulated_loss_and_grads(state, trainable, frozen, batch, rng):
-  """Mean loss and gradients over equal micro-batches: the same as one step on the whole batch."""
+  """Mean loss and gradients over equal micro-batches: the same as one step on the whole batch (up to float
+  rounding; with stochastic depth on, micro-batch i draws its samples' keep/drop from `fold_in(rng, i)`)."""
   k = state.options.grad_accum_steps
   if k == 1:
     return _loss_and_grads(state, trainable, frozen, batch, rng)
   size = batch['label'].shape[0]
   if size % k:
     raise ValueError(f'batch of {size} does not split into grad_accum_steps={k} equal micro-batches')
-  micro = jax.tree_util.tree_map(lambda x: x.reshape((k, size // k) + x.shape[1:]), batch)
+  micro = split_micro_batches(batch, k)
 
   def body(carry, inputs):
     index, micro_batch = inputs

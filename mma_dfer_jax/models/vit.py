@@ -21,10 +21,12 @@ def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:
   """Stochastic depth, one Bernoulli draw per sample (timm's `drop_path`, scaled by 1/keep).
 
   `rate` may be traced (it differs per scanned layer); rate 0 keeps every sample and divides by 1, so it is exact.
+  The keep probability and the 1/keep scaling are float32 whatever the compute dtype (bfloat16 would round 0.9 to
+  0.8984 and bias the kept samples' scale); the result is rounded to `x.dtype` once.
   """
-  keep_prob = 1.0 - rate
+  keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
   keep = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / keep_prob.astype(x.dtype), jnp.zeros_like(x))
+  return jnp.where(keep, (x.astype(jnp.float32) / keep_prob).astype(x.dtype), jnp.zeros_like(x))
 
 
 def _einsum_attention(qkv: jax.Array) -> jax.Array:
