@@ -1,4 +1,4 @@
-"""What the DFEW and MAFW builders share: clips, annotation lists, example preparation and the fold builder.
+"""What the dataset builders share: clips, annotation lists, example preparation and the fold builder.
 
 A dataset is built one fold at a time: builder config `fold<k>` writes the splits `fold<k>_train` and
 `fold<k>_test` to `<data_dir>/<name>/fold<k>/<version>/` as ArrayRecord. Each record holds
@@ -19,6 +19,11 @@ range is an error naming the file and line (AnnotationError), raised before anyt
 
 Re-running is safe: a complete fold is reused, an interrupted one is rebuilt, and what was derived from the download
 (wavs extracted from original videos, fbanks) is kept in `<data_dir>/downloads/` for the other folds and re-runs.
+
+Datasets distributed as raw videos (CREMA-D, RAVDESS) go through the project's own front end: a clip's faces are
+cropped from its video by predict's rule (data/faces_from_video.py) into `<data_dir>/downloads/<name>_faces/<id>/`
+once, and those crops are its frames; clips where no frame has a face are stored with centre crops and listed
+(`no_face`). A builder has NUM_FOLDS folds (5 by default; RAVDESS 6, FERV39k 1: its official train/test split).
 """
 import dataclasses
 import hashlib
@@ -37,6 +42,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
+from data import faces_from_video
 from mma_dfer_jax import audio as audio_lib
 from mma_dfer_jax import frames as frames_lib
 from mma_dfer_jax import video as video_lib
@@ -60,6 +66,9 @@ class Clip:
   frames_dir: Path
   wav: Optional[Path] = None     # the clip's wav, when one exists
   video: Optional[Path] = None   # the original video, to extract a wav from when there is none
+  face_video: Optional[Path] = None  # frames_dir is None: the frames are the face crops of this video (cached)
+  audio: bool = True             # False for a dataset without audio (FERV39k): the silent fbank, not counted missing
+  excluded: str = ''             # why the protocol leaves this clip out ('' when it does not), counted as excluded
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,6 +192,7 @@ class Prepared:
   audio_note: str = ''        # why it has no audio
   bad_audio: bool = False     # its wav holds NaN/Inf samples (stored with the silent fbank, counted apart)
   mixed_sizes: bool = False   # its frames differ in size (stored and listed; the pipeline handles it as the reference)
+  no_face: bool = False       # its frames were cropped from a video where no frame had a face (centre crops)
 
 
 def read_frames(clip: Clip) -> Tuple[List[bytes], str, bool]:
@@ -263,23 +273,38 @@ class Caches:
   dir, `<data_dir>/downloads/` by default): wavs extracted from original videos, and computed fbanks."""
   wav: Path
   fbank: Path
+  faces: Optional[Path] = None  # face crops of raw videos, a folder per clip
 
   @classmethod
   def under(cls, download_dir, name: str) -> 'Caches':
-    return cls(Path(download_dir) / f'{name}_wav', Path(download_dir) / f'{name}_fbank')
+    return cls(Path(download_dir) / f'{name}_wav', Path(download_dir) / f'{name}_fbank',
+               Path(download_dir) / f'{name}_faces')
 
 
 def prepare_clip(job: Tuple[Clip, Caches]) -> Prepared:
   """Reads and checks one clip's frames and computes its fbank (runs in a worker process)."""
   clip, caches = job
+  if clip.excluded:
+    return Prepared(clip.id, excluded=clip.excluded)
+  no_face = False
+  if clip.face_video is not None:
+    if caches.faces is None:
+      raise ValueError(f'clip {clip.id}: frames from a video need Caches.faces')
+    crops = faces_from_video.cached_face_crops(clip.face_video, caches.faces / faces_from_video.cache_name(clip.id))
+    if crops.problem:
+      return Prepared(clip.id, excluded=crops.problem)
+    clip, no_face = dataclasses.replace(clip, frames_dir=crops.folder), crops.frames_with_face == 0
   encoded, problem, mixed = read_frames(clip)
   if problem:
     return Prepared(clip.id, excluded=problem)
-  fbank, audio_note, bad_audio = fbank_for(clip, caches.wav, caches.fbank)
+  if clip.audio:
+    fbank, audio_note, bad_audio = fbank_for(clip, caches.wav, caches.fbank)
+  else:  # the dataset has no audio: the silent fbank, as for a clip without a wav, but nothing is missing
+    fbank, audio_note, bad_audio = audio_lib.silent_fbank(), '', False
   example = {'frames': encoded, 'fbank': fbank.astype(np.float32), 'label': clip.label, 'id': clip.id,
-             'has_audio': not audio_note, 'num_frames': len(encoded)}
+             'has_audio': clip.audio and not audio_note, 'num_frames': len(encoded)}
   return Prepared(clip.id, example, silent=bool(audio_note), audio_note=audio_note, mixed_sizes=mixed,
-                  bad_audio=bad_audio)
+                  bad_audio=bad_audio, no_face=no_face)
 
 
 def prepared_clips(clips: Sequence[Clip], caches: Caches, workers: int, desc: str) -> Iterator[Prepared]:
@@ -299,13 +324,14 @@ def prepared_clips(clips: Sequence[Clip], caches: Caches, workers: int, desc: st
 class FoldConfig(tfds.core.BuilderConfig):
   """One cross-validation fold: the splits fold<k>_train and fold<k>_test."""
 
-  def __init__(self, fold: int, **kwargs):
-    super().__init__(name=f'fold{fold}', description=f'cross-validation fold {fold} (set_{fold})', **kwargs)
+  def __init__(self, fold: int, description: str = '', **kwargs):
+    super().__init__(name=f'fold{fold}', description=description or f'cross-validation fold {fold} (set_{fold})',
+                     **kwargs)
     self.fold = fold
 
 
-def fold_configs():
-  return [FoldConfig(k) for k in range(1, NUM_FOLDS + 1)]
+def fold_configs(num_folds: int = NUM_FOLDS, description: str = ''):
+  return [FoldConfig(k, description) for k in range(1, num_folds + 1)]
 
 
 class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -313,11 +339,16 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   Args (besides TFDS's): annotations_dir, a folder of the reference's annotation lists to read the folds from
   instead of the official split files; workers, processes preparing clips.
+
+  A subclass with another number of folds sets NUM_FOLDS and BUILDER_CONFIGS = fold_configs(NUM_FOLDS); one whose
+  frames are cropped from raw videos sets FACES_FROM_VIDEO (its report then lists the clips without a face).
   """
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Frames as raw bytes, normalised fbank, 5 folds.'}
+  NUM_FOLDS = NUM_FOLDS
   BUILDER_CONFIGS = fold_configs()
+  FACES_FROM_VIDEO = False
   CLASS_NAMES: Tuple[str, ...] = ()
   DESCRIPTION = ''
   HOMEPAGE = ''
@@ -370,6 +401,8 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, clips, caches, split):
     report = {'clips': len(clips), 'stored': 0, 'excluded': {}, 'silent_audio': {}, 'non_finite_audio': [],
               'mixed_frame_sizes': []}
+    if self.FACES_FROM_VIDEO:
+      report['no_face'] = []
     for prepared in prepared_clips(clips, caches, self._workers, f'{self.name} {split}'):
       if prepared.excluded:
         log.warning('%s %s: clip %s left out: %s', self.name, split, prepared.id, prepared.excluded)
@@ -385,6 +418,9 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         report['non_finite_audio'].append(prepared.id)
       if prepared.mixed_sizes:
         report['mixed_frame_sizes'].append(prepared.id)
+      if prepared.no_face:
+        log.info('%s %s: clip %s: no face found in its video; centre crops', self.name, split, prepared.id)
+        report['no_face'].append(prepared.id)
       report['stored'] += 1
       example = dict(prepared.example, num_frames=self.sampling_frame_count(len(prepared.example['frames'])))
       yield prepared.id, example
@@ -392,6 +428,9 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     log.warning('%s %s: %d clips stored, %d left out, %d with silent audio (%d of them NaN/Inf in the wav), %d '
                 'with frames of mixed sizes', self.name, split, report['stored'], len(report['excluded']),
                 len(report['silent_audio']), len(report['non_finite_audio']), len(report['mixed_frame_sizes']))
+    if self.FACES_FROM_VIDEO:
+      log.warning('%s %s: %d clips without a face in any frame (centre crops)', self.name, split,
+                  len(report['no_face']))
 
 
 def remove_stale_incomplete(builder: tfds.core.DatasetBuilder) -> List[Path]:
@@ -422,11 +461,15 @@ def build(builder_cls: Callable[..., FoldBuilder], manual_dir, data_dir, folds: 
   return built
 
 
-def parse_folds(text: str) -> List[int]:
-  folds = [int(part) for part in text.split(',') if part.strip()]
-  bad = [k for k in folds if not 1 <= k <= NUM_FOLDS]
+def parse_folds(text: str, num_folds: int = NUM_FOLDS) -> List[int]:
+  try:
+    folds = [int(part) for part in text.split(',') if part.strip()]
+  except ValueError:
+    folds = []
+  bad = [k for k in folds if not 1 <= k <= num_folds]
   if bad or not folds:
-    raise ValueError(f'--folds {text!r}: folds are numbered 1..{NUM_FOLDS}, e.g. --folds 1,2')
+    example = '--folds 1' if num_folds == 1 else '--folds 1,2'
+    raise ValueError(f'--folds {text!r}: folds are numbered 1..{num_folds}, e.g. {example}')
   return folds
 
 
@@ -442,15 +485,18 @@ def make_callable(module: types.ModuleType, function: Callable) -> None:
 
 
 def main(builder_cls, dataset: str, argv=None) -> int:
-  """The build command line shared by `python -m data.dfew.build` and `python -m data.mafw.build`."""
+  """The build command line shared by `python -m data.<dataset>.build` (dfew, mafw, cremad, ravdess, ferv39k)."""
   import argparse  # pylint: disable=g-import-not-at-top
+  num_folds = builder_cls.NUM_FOLDS
+  all_folds = ','.join(str(k) for k in range(1, num_folds + 1))
   parser = argparse.ArgumentParser(
       prog=f'python -m data.{dataset}.build',
       description=f'Build the {dataset.upper()} folds as ArrayRecord (TFDS) from the manual download. '
                   f'See data/{dataset}/README.md for the expected --manual_dir layout.')
   parser.add_argument('--manual_dir', required=True, help=f'the {dataset.upper()} download')
   parser.add_argument('--data_dir', required=True, help='where to write the dataset (config.data_dir)')
-  parser.add_argument('--folds', default='1,2,3,4,5', help='comma-separated folds to build (default: all 5)')
+  parser.add_argument('--folds', default=all_folds,
+                      help=f'comma-separated folds to build (default: all {num_folds})')
   parser.add_argument('--annotations', default=None,
                       help="a folder of the reference's annotation lists to read the folds from instead of the "
                            'official split files')
@@ -461,7 +507,7 @@ def main(builder_cls, dataset: str, argv=None) -> int:
     print(f'error: --manual_dir {args.manual_dir} is not a folder; see data/{dataset}/README.md for its layout')
     return 2
   try:
-    folds = parse_folds(args.folds)
+    folds = parse_folds(args.folds, num_folds)
     built = build(builder_cls, args.manual_dir, args.data_dir, folds, args.annotations, args.workers)
   except (AnnotationError, ValueError, AssertionError) as e:  # TFDS asserts on an empty manual_dir
     print(f'error: {e}')
@@ -481,3 +527,10 @@ def resolve_listed(listed: str, clip_folders: Dict[str, Path], frames_root: Opti
   if Path(listed).is_dir():
     return Path(listed)
   return (frames_root / name) if frames_root is not None else Path(listed)
+
+
+def refuse_annotations(annotations_dir, dataset: str, folder: str) -> None:
+  """The builders of datasets without the reference's annotation lists take no --annotations."""
+  if annotations_dir is not None:
+    raise AnnotationError(f'--annotations {annotations_dir}: {dataset} takes its folds from its own protocol (see '
+                          f'data/{folder}/README.md); leave --annotations out')

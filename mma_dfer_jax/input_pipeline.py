@@ -22,7 +22,10 @@ from mma_dfer_jax import frames as frames_lib
 from mma_dfer_jax import synthetic
 from mma_dfer_jax.frames import frame_indices  # noqa: F401  (contract: input_pipeline.frame_indices)
 
-DATASETS = ('dfew', 'mafw', 'synthetic')
+DATASETS = ('dfew', 'mafw', 'cremad', 'ravdess', 'ferv39k', 'synthetic')
+# Folds of each dataset's protocol (5 where not listed): RAVDESS 6 folds of 4 actors; FERV39k its one official
+# train/test split, built as fold 1 (fold1_train, fold1_test).
+NUM_FOLDS = {'ravdess': 6, 'ferv39k': 1}
 # Builds older than these hold data the reference would not see: MAFW 1.0.0 labelled the classes in MAFW's own
 # order (wrong for the released models) and sampled over every frame file (the reference: one less).
 OLDEST_BUILD = {'mafw': (2, 0, 0)}
@@ -37,9 +40,16 @@ class DatasetError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Sources.
 
+def num_folds(dataset: str) -> int:
+  """Folds of the dataset's protocol, numbered 1..num_folds (FERV39k: 1, its official train/test split)."""
+  return NUM_FOLDS.get(dataset, 5)
+
+
 def _split_name(config, train: bool) -> str:
-  if not isinstance(config.fold, int) or not 1 <= config.fold <= 5:
-    raise DatasetError(f'config.fold={config.fold}: folds are numbered 1..5')
+  folds = num_folds(config.dataset)
+  if not isinstance(config.fold, int) or not 1 <= config.fold <= folds:
+    where = f' for {config.dataset}' if folds != 5 else ''
+    raise DatasetError(f'config.fold={config.fold}: folds are numbered 1..{folds}{where}')
   return f'fold{config.fold}_{"train" if train else "test"}'
 
 

@@ -1,6 +1,6 @@
 """Class names of each dataset, in the label order of the reference's annotation lists (labels from 0).
 
-DFEW: the official labels 1..7 minus one. MAFW: the reference's own order (the header comment of its
+DFEW: the official labels 1..7 minus one (FERV39k: the same classes). MAFW: the reference's own order (the header comment of its
 `annotation/preprocessing.py`, the same as DFER-CLIP's `class_names_11`), which is NOT the order of MAFW's class
 list (anger, disgust, fear, ...); the MAFW builder maps the class names of the official split files onto it, so the
 released MAFW models' outputs read with these names.
@@ -9,8 +9,15 @@ released MAFW models' outputs read with these names.
 DFEW_CLASSES = ('happiness', 'sadness', 'neutral', 'anger', 'surprise', 'disgust', 'fear')
 MAFW_CLASSES = ('happiness', 'sadness', 'neutral', 'anger', 'surprise', 'disgust', 'fear', 'contempt', 'anxiety',
                 'helplessness', 'disappointment')
+# CREMA-D: the emotion codes of its file names (ANG, DIS, FEA, HAP, NEU, SAD) in that order, as HiCMAE labels them.
+CREMAD_CLASSES = ('anger', 'disgust', 'fear', 'happy', 'neutral', 'sad')
+# RAVDESS: the third field of its file names, 01..08, minus one.
+RAVDESS_CLASSES = ('neutral', 'calm', 'happy', 'sad', 'angry', 'fearful', 'disgust', 'surprised')
+# FERV39k: Happy, Sad, Neutral, Angry, Surprise, Disgust, Fear (MAE-DFER's and DFER-CLIP's order): DFEW's classes.
+FERV39K_CLASSES = DFEW_CLASSES
 
-_BY_DATASET = {'dfew': DFEW_CLASSES, 'mafw': MAFW_CLASSES}
+_BY_DATASET = {'dfew': DFEW_CLASSES, 'mafw': MAFW_CLASSES, 'cremad': CREMAD_CLASSES, 'ravdess': RAVDESS_CLASSES,
+               'ferv39k': FERV39K_CLASSES}
 
 
 def class_names(dataset: str, num_classes: int) -> tuple:
