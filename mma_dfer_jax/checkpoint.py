@@ -5,26 +5,43 @@ Two kinds of directory hold parameters:
 - a *training work directory* (what `launch.py` writes): `DIR/checkpoints/<step>/state/` (Orbax, with `params`
   inside) and `DIR/config.json`.
 `load_params` and `load_config` accept either, so `init.checkpoint`, `predict --checkpoint` and `--mode eval` do too.
+
+Damaged checkpoints heal: a training step that does not restore (a truncated array file, an empty `_METADATA`, a
+garbled iterator state, missing files) is moved aside to `DIR/checkpoints.damaged/<step>-<time>/` (outside Orbax's
+step folders, never deleted) with one warning, and the next older step is used. Only process 0 moves folders.
 """
+import datetime
 import json
 import os
 from pathlib import Path
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 PARAMS_DIR = 'params'
 CONFIG_FILE = 'config.json'
 TRAIN_CHECKPOINTS_DIR = 'checkpoints'
+DAMAGED_SUFFIX = '.damaged'
 
 
 class CheckpointNotFoundError(FileNotFoundError):
   pass
 
 
+def write_text_atomically(path, text: str) -> None:
+  """Write to a temporary file beside `path`, then rename it over `path`: readers see the old or the new file."""
+  path = epath.Path(path)
+  temporary = path.parent / f'.{path.name}.tmp-{os.getpid()}'
+  temporary.write_text(text)
+  temporary.replace(path)
+
+
 def save_config(directory, config) -> None:
-  Path(directory).mkdir(parents=True, exist_ok=True)
-  (Path(directory) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
+  write_text_atomically(epath.Path(directory) / CONFIG_FILE, config.to_json_best_effort(indent=2))
 
 
 def save_params(directory, params, config) -> Path:
@@ -40,25 +57,72 @@ def save_params(directory, params, config) -> Path:
   return directory
 
 
-def latest_train_step(workdir):
-  root = Path(workdir).absolute() / TRAIN_CHECKPOINTS_DIR
+def train_steps(workdir) -> list:
+  """The finalized training steps in `workdir/checkpoints`, oldest first (Orbax's own listing)."""
+  root = epath.Path(workdir) / TRAIN_CHECKPOINTS_DIR
   if not root.is_dir():
-    return None
-  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / 'state').is_dir()]
-  return max(steps) if steps else None
+    return []
+  return sorted(ocp.utils.checkpoint_steps(root))
+
+
+def latest_train_step(workdir):
+  steps = train_steps(workdir)
+  return steps[-1] if steps else None
+
+
+def move_aside(step_dir, error: BaseException) -> None:
+  """Rename a damaged step folder to `<checkpoints>.damaged/<step>-<time>` (process 0 only) with one warning."""
+  step_dir = epath.Path(step_dir)
+  reason = ' '.join(f'{type(error).__name__}: {error}'.split())[:300]
+  if jax.process_index() != 0:
+    return
+  aside = step_dir.parent.parent / (step_dir.parent.name + DAMAGED_SUFFIX)
+  target = aside / f'{step_dir.name}-{datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")}'
+  try:
+    aside.mkdir(parents=True, exist_ok=True)
+    step_dir.rename(target)
+  except OSError as e:  # a read-only copy: skip the step without moving it
+    logging.warning('Checkpoint %s does not restore (%s); skipping it (could not move it aside: %s)',
+                    step_dir, reason, e)
+    return
+  logging.warning('Checkpoint %s does not restore (%s); moved it to %s and using the previous one',
+                  step_dir, reason, target)
+
+
+def restore_newest_intact(workdir, restore_step):
+  """`(step, restore_step(step))` for the newest step that restores; newer damaged steps are moved aside.
+
+  `(None, None)` when no step restores (or there is none). Every exception of `restore_step` counts as damage, so
+  check that the config fits the checkpoints first.
+  """
+  root = epath.Path(workdir) / TRAIN_CHECKPOINTS_DIR
+  for step in reversed(train_steps(workdir)):
+    try:
+      return step, restore_step(step)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      move_aside(root / str(step), e)
+  return None, None
+
+
+def _restore_tree(path):
+  return ocp.StandardCheckpointer().restore(path)
 
 
 def load_params(path) -> dict:
-  """Parameters from a parameter checkpoint or from the latest checkpoint of a training work directory."""
+  """Parameters from a parameter checkpoint or from the newest intact checkpoint of a training work directory."""
   path = Path(path).absolute()
   if (path / PARAMS_DIR).is_dir():
-    return ocp.StandardCheckpointer().restore(path / PARAMS_DIR)
-  step = latest_train_step(path)
-  if step is not None:
-    state = ocp.StandardCheckpointer().restore(path / TRAIN_CHECKPOINTS_DIR / str(step) / 'state')
+    return _restore_tree(path / PARAMS_DIR)
+  steps = train_steps(path)
+  if steps:
+    step, state = restore_newest_intact(
+        path, lambda step: _restore_tree(path / TRAIN_CHECKPOINTS_DIR / str(step) / 'state'))
+    if step is None:
+      raise CheckpointNotFoundError(
+          f'{path}: none of the checkpoints {steps} restores (moved to {TRAIN_CHECKPOINTS_DIR}{DAMAGED_SUFFIX}/)')
     return state['params']
   if (path / '_CHECKPOINT_METADATA').is_file():  # an Orbax tree written directly at `path`
-    return ocp.StandardCheckpointer().restore(path)
+    return _restore_tree(path)
   raise CheckpointNotFoundError(
       f'{path}: no checkpoint here (expected {PARAMS_DIR}/ from `python -m mma_dfer_jax.convert` or '
       f'{TRAIN_CHECKPOINTS_DIR}/<step>/ from launch.py)')

@@ -2,11 +2,23 @@
 
 Works unchanged on one CPU, many devices and many hosts: every process runs this code, feeds its slice of each
 global batch, and only process 0 writes logs, plots and summaries (Orbax writes checkpoints collectively).
+
+Faults, before anything is written: the work directory must be writable (checked with a probe file); a rerun must
+use the config its checkpoints were made with, except for `RERUN_MAY_CHANGE` (more epochs, logging, checkpoint
+frequency, eval batch, input threads, mesh, compute-only model settings), else one UserError names the keys; only
+then is config.json (re)written, atomically. Resume takes the newest checkpoint that restores; a damaged one is moved
+aside (checkpoint.py). A torn last line of metrics.jsonl is dropped with a warning. A checkpoint write that fails
+stops the run at once with the path and the OS error (saves wait for the previous one, so the error surfaces at the
+next save or at the end, never after a barrier timeout). A non-finite loss or gradient stops the run: train.py.
 """
 import dataclasses
 import json
+import logging as pylogging
 import math
+import os
+import re
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +45,14 @@ SUMMARY_FILE = 'summary.json'
 
 class UserError(Exception):
   """A mistake in the command line, config or files: reported as one line, without a traceback."""
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (a full disk, lost permissions): the path and the OS error, in one line."""
+
+
+class NonFiniteError(UserError):
+  """The loss or the gradient of a step was NaN or infinite: the step and the clip ids of its batch."""
 
 
 def is_main_process() -> bool:
@@ -100,19 +120,141 @@ def _checkpoint_tree(state, loss_sum, loss_count):
           'epoch_loss_sum': np.asarray(loss_sum, np.float64), 'epoch_loss_count': np.asarray(loss_count, np.int64)}
 
 
+# Settings a rerun may change: they do not change what the checkpoints hold or how the next steps are computed
+# (more epochs extends the run; the epoch-cosine schedule then follows the new length, as a longer run would).
+RERUN_MAY_CHANGE = (
+    'num_epochs', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'data_dir',
+    'init.', 'input.read_threads', 'input.worker_count', 'input.prefetch', 'mesh.', 'cpu_keep_freed_memory',
+    'model.remat', 'model.remat_policy', 'model.scan_unroll', 'model.attention_impl', 'model.matmul_impl',
+)
+
+
+def _flat_settings(tree: dict, prefix='') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat_settings(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def changed_settings(saved: dict, config) -> list:
+  """Keys whose value differs between a saved config (as JSON) and `config`, except `RERUN_MAY_CHANGE`."""
+  old = _flat_settings(saved)
+  new = _flat_settings(json.loads(config.to_json_best_effort()))
+  return sorted(k for k in set(old) | set(new)
+                if old.get(k) != new.get(k) and not any(k == a or (a.endswith('.') and k.startswith(a))
+                                                          for a in RERUN_MAY_CHANGE))
+
+
+def check_rerun_config(workdir, config) -> None:
+  """A work directory holding checkpoints is resumed only with the config they were made with (config.json)."""
+  if not checkpoint.train_steps(workdir):
+    return  # nothing depends on the saved config: it is simply replaced
+  saved_file = Path(workdir) / checkpoint.CONFIG_FILE
+  try:
+    saved = json.loads(saved_file.read_text())
+  except FileNotFoundError:
+    return  # an older work directory: the restore itself checks the shapes
+  except (OSError, ValueError) as e:
+    raise UserError(f'{saved_file}: unreadable ({e}); restore it or start a new --workdir') from None
+  changed = changed_settings(saved, config)
+  if changed:
+    old, new = _flat_settings(saved), _flat_settings(json.loads(config.to_json_best_effort()))
+    shown = ', '.join(f'{k} ({old.get(k)!r} -> {new.get(k)!r})' for k in changed[:6])
+    raise UserError(f'{workdir} holds checkpoints of another config: {shown}{" ..." if len(changed) > 6 else ""}; '
+                    'rerun with the saved settings (see its config.json) or use a new --workdir')
+
+
+def check_writable(directory: Path) -> None:
+  """Create `directory` and a probe file in it (one per process), so an unwritable place fails before training."""
+  probe = directory / f'.write-probe-{jax.process_index()}'
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b'')
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f'{directory}: cannot write there ({e.strerror or e}); fix its permissions or choose another '
+                    '--workdir') from None
+
+
+def read_metrics(workdir: Path, repair=False) -> list:
+  """The records of metrics.jsonl; a torn last line (a write cut short) is dropped with a warning, and with
+  `repair` also removed from the file, so the next record starts on a line of its own."""
+  path = workdir / METRICS_FILE
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if number < len(lines):
+        raise UserError(f'{path}: line {number} is not JSON; repair or remove that line') from None
+      logging.warning('%s: dropped its torn last line %r (a write cut short)', path, line[:80])
+      if repair and is_main_process():
+        checkpoint.write_text_atomically(path, ''.join(f'{x}\n' for x in lines[:-1]))
+  return records
+
+
 def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+  # Synchronous writes: a failed write (full disk, lost permissions) raises here at once; Orbax's background save
+  # would surface it only after its 300 s signal timeout. The cost is the write time at each checkpoint.
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=False)
   return ocp.CheckpointManager(workdir / checkpoint.TRAIN_CHECKPOINTS_DIR, options=options,
                                item_names=('state', 'data'))
+
+
+def _write_error(error: BaseException, step: int, directory: Path):
+  """A CheckpointWriteError for an OSError or a TensorStore write error (the path written and the OS's reason in
+  one line); None for anything else, which is a bug to show with its traceback."""
+  text = str(error)
+  if isinstance(error, OSError) and error.strerror:
+    where, reason = error.filename or directory, error.strerror
+  elif 'Failed writing' in text or 'Error writing' in text or 'os_error_code' in text:
+    path = re.search(r'Failed writing: "([^"]+)"', text) or re.search(r'local file "([^"]+)"', text)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    where = path.group(1) if path else directory
+    reason = os.strerror(int(code.group(1))) if code else ' '.join(text.split())[:200]
+  else:
+    return None
+  return CheckpointWriteError(f'could not write the checkpoint of step {step} to {where}: {reason}; free space or '
+                              'fix permissions, then run the same command to resume from the last checkpoint')
+
+
+class _WriteErrorEchoes(pylogging.Filter):
+  """Drops the echoes of one failed write: Orbax logs it from every thread of the save, asyncio logs the gathered
+  futures nobody retrieved; the save's exception reports it once."""
+
+  def filter(self, record):
+    return record.levelno < pylogging.ERROR or not (record.name == 'asyncio' or '/orbax/' in record.pathname)
 
 
 def _save(manager, state, loss_sum, loss_count, train_iter):
   step = int(state.step)
   if step in manager.all_steps():
     return
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_checkpoint_tree(state, loss_sum, loss_count)),
-      data=grain.checkpoint.CheckpointSave(train_iter)))
+  echoes = _WriteErrorEchoes()
+  loggers = (logging.get_absl_logger(), pylogging.getLogger('asyncio'))
+  for logger in loggers:
+    logger.addFilter(echoes)
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_checkpoint_tree(state, loss_sum, loss_count)),
+        data=grain.checkpoint.CheckpointSave(train_iter)))
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    error = _write_error(e, step, Path(manager.directory))
+    if error is None:
+      raise
+    raise error from e  # the filter stays: the failed save's other writes end while the run stops
+  for logger in loggers:
+    logger.removeFilter(echoes)
 
 
 def _restore(manager, step, state, mesh, train_iter):
@@ -126,6 +268,45 @@ def _restore(manager, step, state, mesh, train_iter):
   tree = restored['state']
   state = state.replace(params=tree['params'], opt_state=tree['opt_state'], step=tree['step'])
   return state, float(tree['epoch_loss_sum']), int(tree['epoch_loss_count'])
+
+
+def _verify_on_this_process(step_dir: Path, abstract):
+  """Read a whole step on this process alone (no collectives): the state onto a local device, the iterator JSON."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda x: x if isinstance(x, np.ndarray) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      _checkpoint_tree(abstract, 0.0, 0))
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
+  checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=alone)
+  checkpointer.restore(step_dir / 'state', args=ocp.args.StandardRestore(target))
+  files = list((step_dir / 'data').glob('*.json'))
+  if not files:
+    raise FileNotFoundError(f'{step_dir / "data"}: no iterator state')
+  for file in files:
+    json.loads(file.read_text())
+
+
+def _resume(manager, workdir: Path, abstract, mesh, train_iter):
+  """`(step, (state, loss_sum, loss_count))` from the newest checkpoint that restores, or `(None, None)`.
+
+  One process: restore the steps newest first; a failure moves the step aside. Several: process 0 reads the steps
+  on its own to find the newest intact one (a collective restore that fails on one process only would leave the
+  others waiting at Orbax's barrier), broadcasts it, and every process restores that step.
+  """
+  if jax.process_count() == 1:
+    found = checkpoint.restore_newest_intact(workdir, lambda s: _restore(manager, s, abstract, mesh, train_iter))
+  else:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    step = -1
+    if is_main_process():
+      root = workdir / checkpoint.TRAIN_CHECKPOINTS_DIR
+      chosen, _ = checkpoint.restore_newest_intact(workdir, lambda s: _verify_on_this_process(root / str(s), abstract))
+      step = -1 if chosen is None else chosen
+    step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
+    found = (None, None) if step < 0 else (step, _restore(manager, step, abstract, mesh, train_iter))
+  manager.reload()  # forget the steps moved aside
+  return found
 
 
 class _StopRequest:
@@ -200,7 +381,7 @@ class _Writers:
     self.scalars(record['step'], {'test/war': record['war'], 'test/uar': record['uar'],
                                   'train/epoch_loss': record['train_loss']})
     self.tensorboard.flush()
-    metrics_lib.plot_learning_curves(metrics_lib.read_jsonl(self.workdir / METRICS_FILE),
+    metrics_lib.plot_learning_curves(read_metrics(self.workdir),
                                      self.workdir / 'learning_curves.png')
     metrics_lib.plot_confusion_matrix(record['confusion_matrix'], self.class_names,
                                       self.workdir / 'confusion_matrix.png',
@@ -212,35 +393,37 @@ class _Writers:
 
 
 def _evaluated_epochs(workdir: Path) -> set:
-  return {r['epoch'] for r in metrics_lib.read_jsonl(workdir / METRICS_FILE) if r.get('kind') == 'epoch'}
+  return {r['epoch'] for r in read_metrics(workdir, repair=True) if r.get('kind') == 'epoch'}
 
 
 def train_and_evaluate(config, workdir) -> dict:
   """Train config.fold for config.num_epochs, evaluating after every epoch; resumes from `workdir`."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  check_writable(workdir / checkpoint.TRAIN_CHECKPOINTS_DIR)
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   total_steps = steps_per_epoch * config.num_epochs
   class_names = labels_lib.class_names(config.dataset, config.model.num_classes)
+  check_rerun_config(workdir, config)
   if is_main_process():
-    checkpoint.save_config(workdir, config)
+    checkpoint.save_config(workdir, config)  # only once the config is known to fit the checkpoints
 
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
   manager = _checkpoint_manager(workdir, config)
   train_iter = input_pipeline.create_train_iterator(config, jax.process_index(), jax.process_count())
-  latest = manager.latest_step()
+  latest, restored = None, None
+  if checkpoint.train_steps(workdir):
+    latest, restored = _resume(manager, workdir, _abstract_state(config, steps_per_epoch), mesh, train_iter)
   if latest is None:
     params = initial_params(config, init_rng)
     state = train.create_train_state(config, params, steps_per_epoch)
     loss_sum, loss_count = 0.0, 0
   else:
-    abstract = _abstract_state(config, steps_per_epoch)
-    state, loss_sum, loss_count = _restore(manager, latest, abstract, mesh, train_iter)
+    state, loss_sum, loss_count = restored
     say(f'Resumed from {workdir} at step {latest} (epoch {latest // steps_per_epoch + 1})')
   state = jax.device_put(state, sharding.state_sharding(state, mesh))
   train_step, eval_step = compiled_steps(state, mesh)
@@ -254,6 +437,7 @@ def train_and_evaluate(config, workdir) -> dict:
   schedule = train.learning_rate_schedule(config, steps_per_epoch)
   step = int(state.step)
   done = _evaluated_epochs(workdir)
+  bar = None
   try:
     while True:
       epoch = step // steps_per_epoch
@@ -275,14 +459,17 @@ def train_and_evaluate(config, workdir) -> dict:
         if memory_keeper.needs_finished_step:
           jax.block_until_ready(metrics)  # the keeper's first decision reads the finished step's peak memory
         memory_keeper.after_step()
-        pending.append(metrics['loss'])
+        pending.append((step, metrics['loss'], metrics['grad_norm']))
         step += 1
         clips += config.batch_size
         bar.update(1)
         at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
         if len(pending) >= config.log_every_steps or step == end or stop.requested or at_checkpoint:
-          # Fetch the losses (the running epoch loss is part of every checkpoint).
-          losses = [float(x) for x in pending]
+          # Fetch the losses (the running epoch loss is part of every checkpoint); every save comes after a fetch,
+          # so a non-finite step stops the run before its state can be saved.
+          fetched = [(at, float(loss), float(norm)) for at, loss, norm in pending]
+          _stop_if_not_finite(fetched, config)
+          losses = [loss for _, loss, _ in fetched]
           loss_sum, loss_count = loss_sum + sum(losses), loss_count + len(losses)
           pending = []
           rate = clips / (time.perf_counter() - started)
@@ -300,11 +487,13 @@ def train_and_evaluate(config, workdir) -> dict:
       bar.close()
       _save(manager, state, loss_sum, loss_count, train_iter)
   finally:
+    if bar is not None:
+      bar.close()  # before an error's message, so that message is the last line
     stop.restore()
     manager.wait_until_finished()
     writers.close()
 
-  records = [r for r in metrics_lib.read_jsonl(workdir / METRICS_FILE) if r.get('kind') == 'epoch']
+  records = [r for r in read_metrics(workdir) if r.get('kind') == 'epoch']
   last = records[-1] if records else None
   if last is None:  # another process wrote the logs; evaluate to know the figures
     last = evaluate_split(eval_step, state, config, mesh, class_names)
@@ -320,6 +509,31 @@ def train_and_evaluate(config, workdir) -> dict:
   say(f'Done: WAR {summary["war"]:.2f}  UAR {summary["uar"]:.2f} after {summary["steps"]} steps '
       f'-> {workdir / SUMMARY_FILE}')
   return summary
+
+
+def batch_clip_ids(config, step: int) -> list:
+  """The ids of the clips in global training batch `step` (input_pipeline.train_dataset's order: positions
+  step * batch_size ... of the stream, epoch e's clips in the permutation epoch_order(seed, e))."""
+  source = input_pipeline.get_source(config, 'train')
+  per_epoch = input_pipeline.steps_per_epoch(config) * config.batch_size
+  ids = []
+  for position in range(step * config.batch_size, (step + 1) * config.batch_size):
+    clip_epoch, offset = divmod(position, per_epoch)
+    clip = int(input_pipeline.epoch_order(config.seed, clip_epoch, len(source))[offset])
+    record = source[clip]
+    ids.append(str(record.get('id', clip) if hasattr(record, 'get') else clip))
+  return ids
+
+
+def _stop_if_not_finite(fetched, config) -> None:
+  """Stop at the first step whose loss or gradient norm is NaN/inf (the norm is finite only if every gradient is)."""
+  for step, loss, norm in fetched:
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+      ids = batch_clip_ids(config, step)
+      raise NonFiniteError(
+          f'step {step + 1}: non-finite loss ({loss}) or gradient norm ({norm}); its batch holds the clips '
+          f'{", ".join(ids)}; nothing from this step on was saved: check those clips\' audio and frames, then run the '
+          'same command to resume from the last checkpoint')
 
 
 def _finish_epoch(epoch, step, state, eval_step, config, mesh, class_names, writers, loss_sum, loss_count):
