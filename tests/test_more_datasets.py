@@ -378,3 +378,24 @@ def test_configs_name_the_datasets_classes():
     assert module.NUM_FOLDS == input_pipeline.num_folds(dataset)
     assert len(labels.class_names(dataset, classes)) == classes
     assert not labels.class_names(dataset, classes)[0].startswith('class_')
+
+
+@pytest.mark.slow
+def test_demo_sized_model_trains_two_epochs_on_the_miniature_cremad(built_cremad, tmp_path):
+  """The whole loop on a built CREMA-D fold: configs/demo.py's model, 2 epochs. Four training clips cannot show
+  learning above chance reliably, so only what is robust is asserted: the run finishes, writes its summary, and
+  its loss and scores are finite numbers over the fold's three test clips."""
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import experiment  # pylint: disable=import-outside-toplevel
+  _, out = built_cremad
+  config = tiny_config(cremad_config, out, 1)
+  config.model = demo_config.get_config().model
+  config.model.num_classes = 6
+  config.num_epochs, config.learning_rate = 2, 3e-3
+  config.init.face_checkpoint = config.init.audio_checkpoint = ''
+  config.checkpoint_every_steps, config.log_every_steps = 100, 1
+  summary = experiment.train_and_evaluate(config, tmp_path / 'run')
+  written = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+  assert written['epochs'] == 2 and written['steps'] == 2 * (4 // 2)  # 4 stored training clips, batch 2
+  assert np.isfinite(written['train_loss']) and 0 <= written['war'] <= 100 and 0 <= written['uar'] <= 100
+  assert written['dataset'] == 'cremad' and summary['war'] == written['war']
