@@ -40,7 +40,6 @@ USER_ERROR_TYPES = (
     ('mma_dfer_jax.distributed', 'DistributedConfigError'),
 )
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
-DATASETS = ('dfew', 'mafw', 'synthetic')
 
 
 class UserError(Exception):
@@ -197,10 +196,13 @@ def check_config(config, device_count: Optional[int] = None, process_count: int 
 
   With `device_count`, also that every global batch splits evenly over the devices and processes.
   """
-  _require(config.dataset in DATASETS,
-           f'config.dataset={config.dataset!r}: unknown dataset; use one of {", ".join(DATASETS)}')
-  _require(isinstance(config.fold, int) and 1 <= config.fold <= 5, f'config.fold={config.fold}: folds are numbered '
-           '1..5')
+  from mma_dfer_jax import input_pipeline  # pylint: disable=import-outside-toplevel  (the dataset table; no JAX)
+  datasets = input_pipeline.DATASETS
+  _require(config.dataset in datasets,
+           f'config.dataset={config.dataset!r}: unknown dataset; use one of {", ".join(datasets)}')
+  folds = input_pipeline.num_folds(config.dataset)
+  _require(isinstance(config.fold, int) and 1 <= config.fold <= folds,
+           f'config.fold={config.fold}: {config.dataset} folds are numbered 1..{folds}')
   for key in ('batch_size', 'eval_batch_size', 'num_epochs', 'keep_checkpoints', 'log_every_steps'):
     _check_count(config, key, 1)
   _check_count(config, 'checkpoint_every_steps', 0)

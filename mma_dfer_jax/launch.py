@@ -30,7 +30,7 @@ def define_flags(argv) -> None:
   cli.define_config_flag(FLAGS, argv, 'Experiment config file, e.g. configs/mafw.py.')
   flags.DEFINE_string('workdir', None, 'Where checkpoints, logs, plots and summary.json go.')
   flags.DEFINE_enum('mode', 'train', list(MODES), 'What to run.')
-  flags.DEFINE_list('folds', ['1', '2', '3', '4', '5'], 'Folds for --mode cross_validate.')
+  flags.DEFINE_list('folds', None, "Folds for --mode cross_validate (default: all of the dataset's protocol).")
   flags.DEFINE_string('coordinator_address', None, 'Multi-host: address:port of process 0.')
   flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
   flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
@@ -50,13 +50,18 @@ def initialize_distributed():
     jax.distributed.initialize()  # TPU pods: JAX discovers the peers itself
 
 
-def _folds() -> list:
+def _folds(dataset: str) -> list:
+  from mma_dfer_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  count = input_pipeline.num_folds(dataset)
+  if FLAGS.folds is None:
+    return list(range(1, count + 1))
   try:
     folds = [int(f) for f in FLAGS.folds]
   except ValueError:
     folds = []
-  if not folds or any(not 1 <= f <= 5 for f in folds):
-    raise cli.UserError(f'--folds={",".join(FLAGS.folds)}: folds are numbered 1..5, e.g. --folds=1,2,3')
+  if not folds or any(not 1 <= f <= count for f in folds):
+    raise cli.UserError(f'--folds={",".join(FLAGS.folds)}: {dataset} folds are numbered 1..{count}, e.g. '
+                        f'--folds={",".join(map(str, range(1, min(count, 3) + 1)))}')
   return folds
 
 
@@ -69,7 +74,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise cli.UserError('--workdir is required: the directory for checkpoints, logs and summary.json')
   cli.check_config(config)
-  folds = _folds() if FLAGS.mode == 'cross_validate' else None
+  folds = _folds(config.dataset) if FLAGS.mode == 'cross_validate' else None
   cli.check_writable_dir(FLAGS.workdir, '--workdir')
   logging.set_verbosity(logging.WARNING)
   from mma_dfer_jax import host_memory  # pylint: disable=import-outside-toplevel
