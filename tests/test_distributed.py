@@ -317,12 +317,12 @@ def test_bfloat16_state_keeps_frozen_matmul_weights_in_bfloat16_and_the_rest_in_
 
 def test_float32_state_is_all_float32_even_from_a_bfloat16_checkpoint():
   config = tiny_config('bfloat16')
-  bf16_params = train.create_train_state(config, tiny_params(config)).params
-  state = jax.eval_shape(lambda: train.create_train_state(tiny_config(), bf16_params))
+  state = jax.eval_shape(lambda: train.create_train_state(
+      tiny_config(), train.create_train_state(config, tiny_params(config)).params))
   assert set(leaf_dtypes(state.params).values()) == {jnp.dtype(jnp.float32)}
 
 
-def test_bfloat16_weights_stored_ahead_give_the_same_logits_and_step():
+def test_bfloat16_weights_stored_ahead_give_the_same_logits():
   """The model cast these weights to bfloat16 at every use; stored in bfloat16 the numbers are the same."""
   config = tiny_config('bfloat16')
   params = tiny_params(config)
@@ -333,8 +333,6 @@ def test_bfloat16_weights_stored_ahead_give_the_same_logits_and_step():
   stored = train.eval_step(state, batch)
   in_float32 = train.eval_step(state.replace(params=params), batch)
   np.testing.assert_array_equal(stored, in_float32)
-  _, metrics = train.train_step(state, batch, key)
-  assert np.isfinite(float(metrics['loss']))
 
 
 def test_stochastic_depth_keeps_and_scales_in_float32_under_bfloat16():
