@@ -3,13 +3,17 @@
 Works unchanged on one CPU, many devices and many hosts: every process runs this code, feeds its slice of each
 global batch, and only process 0 writes logs, plots and summaries (Orbax writes checkpoints collectively).
 
-Faults, before anything is written: the work directory must be writable (checked with a probe file); a rerun must
-use the config its checkpoints were made with, except for `RERUN_MAY_CHANGE` (more epochs, logging, checkpoint
-frequency, eval batch, input threads, mesh, compute-only model settings), else one UserError names the keys; only
-then is config.json (re)written, atomically. Resume takes the newest checkpoint that restores; a damaged one is moved
-aside (checkpoint.py). A torn last line of metrics.jsonl is dropped with a warning. A checkpoint write that fails
-stops the run at once with the path and the OS error (saves wait for the previous one, so the error surfaces at the
-next save or at the end, never after a barrier timeout). A non-finite loss or gradient stops the run: train.py.
+Faults. Before anything is written: the work directory must be writable (a probe file in checkpoints/); a rerun of a
+work directory that holds checkpoints must use the config they were made with, except for `RERUN_MAY_CHANGE` (more
+epochs, logging, checkpoint frequency, eval batch, input threads, mesh, compute-only model settings), else one
+UserError names the differing keys; only then is config.json (re)written, atomically. Resume takes the newest
+checkpoint that restores; a damaged one is moved aside to checkpoints.damaged/ (checkpoint.py; with several processes
+process 0 picks the step and broadcasts it). A torn last line of metrics.jsonl is dropped with a warning. Checkpoints
+are written synchronously, so a write that fails (full disk, lost permissions) stops the run at that save with one
+line naming the path and the OS error, instead of Orbax's background error and 300 s signal timeout. A step whose
+loss or gradient norm is NaN/inf stops the run (NonFiniteError: the step and the clip ids of its batch) when the
+losses are next fetched, which is before any checkpoint: no non-finite state is saved, and the finite steps'
+arithmetic is untouched (no extra host sync: the check reads the metrics the loop fetches anyway).
 """
 import dataclasses
 import json
@@ -18,7 +22,6 @@ import math
 import os
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -140,10 +143,11 @@ def _flat_settings(tree: dict, prefix='') -> dict:
 
 
 def changed_settings(saved: dict, config) -> list:
-  """Keys whose value differs between a saved config (as JSON) and `config`, except `RERUN_MAY_CHANGE`."""
+  """Keys whose value differs between a saved config (as JSON) and `config`, except `RERUN_MAY_CHANGE`. A key only
+  one of them has (a setting added or retired since the run began) keeps its old behaviour by default: not compared."""
   old = _flat_settings(saved)
   new = _flat_settings(json.loads(config.to_json_best_effort()))
-  return sorted(k for k in set(old) | set(new)
+  return sorted(k for k in set(old) & set(new)
                 if old.get(k) != new.get(k) and not any(k == a or (a.endswith('.') and k.startswith(a))
                                                           for a in RERUN_MAY_CHANGE))
 

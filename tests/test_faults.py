@@ -157,6 +157,9 @@ def test_changed_settings_names_what_a_rerun_may_not_change():
   rerun = tiny_config(width=24)
   rerun.batch_size, rerun.num_epochs, rerun.log_every_steps, rerun.mesh.data = 4, 5, 1, 2
   assert experiment.changed_settings(saved, rerun) == ['batch_size', 'model.width']
+  del saved['input']['augment']  # a setting added since the run began keeps its old behaviour by default
+  rerun.input.augment = False
+  assert experiment.changed_settings(saved, rerun) == ['batch_size', 'model.width']
 
 
 def test_changed_model_width_is_refused_before_anything_is_written(finished, tmp_path):
