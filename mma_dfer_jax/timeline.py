@@ -38,9 +38,9 @@ kept, each with its face box (each frame is detected once, shared windows reuse 
 dropped once it has its crops. With window / hop windows in flight that is at most 16 * ceil(window / hop) frames
 (32 by default: ~200 MB for 1080p, at any length), plus the audio samples of those windows and one batch of
 crops. Faces are detected in a separate process that is replaced every 256 MB of the detector library's leak
-(see _FaceDetector), so it stays under ~370 MB too. The audio track is decoded in step from a second handle on the file, so a badly interleaved file costs no
-memory either. Windows go through the model in batches of BATCH_SIZE (the last one padded, so one compiled shape),
-on a thread while the next batch is decoded.
+(see _FaceDetector), so it stays under ~370 MB too. The audio track is decoded in step from a second handle on
+the file, so a badly interleaved file costs no memory either. Windows go through the model in batches of
+BATCH_SIZE (the last one padded, so one compiled shape), on a thread while the next batch is decoded.
 """
 import collections
 import concurrent.futures
@@ -268,7 +268,8 @@ def _window_inputs(plan, frames, boxes, audio, sample_rate, samples, model_confi
       and previous.last_box is not None and plan.first_frame < previous.plan.end_frame):
     boxes = [previous.last_box] * len(frames)
     face_source = 'previous_window'
-  crops, fbank, _, _ = predict.clip_inputs(frames, audio, sample_rate, model_config, face_boxes=boxes)
+  model_audio = audio if predict.uses_audio(model_config) else None  # a video-only model: the silent fbank, unused
+  crops, fbank, _, _ = predict.clip_inputs(frames, model_audio, sample_rate, model_config, face_boxes=boxes)
   last_box = faces.smooth_boxes(boxes)[-1] if face_source != 'centre' else None
   return WindowInputs(plan=plan, crops=crops, fbank=fbank, face_detected=face_detected, face_source=face_source,
                       has_audio=audio is not None, audio_silent=_is_silent(audio), samples=samples,
@@ -294,7 +295,7 @@ def iter_windows(path, model_config, window_s: float = DEFAULT_WINDOW_S, hop_s: 
   pending = collections.deque()         # planned windows whose frames are not all decoded yet
   wanted = collections.Counter()        # frame index -> how many pending windows sample it
   kept = {}                             # frame index -> (RGB frame, detection handle)
-  detector = _FaceDetector()
+  detector = _FaceDetector() if predict.uses_faces(model_config) else None  # an audio-only model needs no faces
   next_index, decoded, previous, emitted = 0, 0, None, 0
   try:
     for k, frame in enumerate(video_lib.iter_video_frames(path)):
@@ -308,11 +309,11 @@ def iter_windows(path, model_config, window_s: float = DEFAULT_WINDOW_S, hop_s: 
         next_index += 1
       if wanted[k]:
         rgb = video_lib.frame_to_rgb(frame, max_side)
-        kept[k] = (rgb, detector.submit(rgb))
+        kept[k] = (rgb, detector.submit(rgb) if detector else None)
       while pending and pending[0].end_frame - 1 <= k:
         plan = pending.popleft()
         frames = [kept[i][0] for i in plan.frames.tolist()]
-        boxes = [detector.union_box(kept[i][1]) for i in plan.frames.tolist()]
+        boxes = [detector.union_box(kept[i][1]) if detector else None for i in plan.frames.tolist()]
         window_audio, samples = None, (0, 0)
         if sample_rate is not None:
           samples = (_round(plan.start * sample_rate), _round(plan.end * sample_rate))
@@ -333,15 +334,16 @@ def iter_windows(path, model_config, window_s: float = DEFAULT_WINDOW_S, hop_s: 
       kept.clear()
       yield _whole_video_window(path, model_config, max_side, decoded, info.fps)
   finally:
-    detector.close()
+    if detector:
+      detector.close()
     if audio is not None:
       audio.close()
 
 
 def _whole_video_window(path, model_config, max_side, num_frames, fps) -> WindowInputs:
-  clip = video_lib.read_video(path, pick=predict._test_indices(model_config.num_frames),  # pylint: disable=protected-access
-                              max_side=max_side)
-  boxes = [faces.union_box(faces.detect_faces(f)) for f in clip.frames]
+  pick = predict._test_indices(model_config.num_frames)  # pylint: disable=protected-access
+  clip = video_lib.read_video(path, pick=pick, max_side=max_side)
+  boxes = [faces.union_box(faces.detect_faces(f)) if predict.uses_faces(model_config) else None for f in clip.frames]
   plan = WindowPlan(0, 0.0, num_frames / fps, 0, num_frames, clip.indices)
   samples = (0, clip.audio.shape[1]) if clip.audio is not None else (0, 0)
   return _window_inputs(plan, list(clip.frames), boxes, clip.audio, clip.sample_rate, samples, model_config, None)
@@ -371,7 +373,8 @@ def batch_arrays(batch: List[WindowInputs], size: int):
 
 def _row(window: WindowInputs, probabilities: np.ndarray, names) -> dict:
   probabilities = probabilities / probabilities.sum()
-  return {'start': round(window.plan.start, 6), 'end': round(window.plan.end, 6), 'label': names[int(np.argmax(probabilities))],
+  return {'start': round(window.plan.start, 6), 'end': round(window.plan.end, 6),
+          'label': names[int(np.argmax(probabilities))],
           'probabilities': {name: float(p) for name, p in zip(names, probabilities)},
           'face_detected': bool(window.face_detected), 'has_audio': bool(window.has_audio),
           'face_source': window.face_source, 'audio_silent': bool(window.audio_silent)}
@@ -417,10 +420,14 @@ def predict_timeline(path, params, config, window_s: float = DEFAULT_WINDOW_S, h
       bar.close()
   seconds = time.perf_counter() - started
   notes = []
-  if not info.has_audio:
+  if not predict.uses_audio(model_config):
+    notes.append('video-only model (model.modalities=video): the audio track is not used')
+  elif not info.has_audio:
     notes.append('the video has no audio track: every window got the silent (all-zero) fbank')
   without_face = sum(r['face_source'] == 'centre' for r in rows)
-  if without_face:
+  if not predict.uses_faces(model_config):
+    notes.append('audio-only model (model.modalities=audio): the frames are not used; no face was looked for')
+  elif without_face:
     notes.append(f'{without_face} of {len(rows)} windows had no face (and none to track): centre crops')
   if len(rows) == 1 and rows[0]['end'] < window_s:
     notes.append(f'the video is shorter than one {window_s:g} s window: one window over all of it')

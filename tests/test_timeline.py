@@ -197,7 +197,8 @@ def test_a_window_equals_predict_on_the_same_cut(minute_video, tiny_model):
     window = windows[index]
     plan = window.plan
     # The cut: the window's frames as their own clip, sampled as predict samples a clip of that many frames.
-    local = predict._test_indices(model_config.num_frames)(plan.end_frame - plan.first_frame)  # pylint: disable=protected-access
+    test_indices = predict._test_indices(model_config.num_frames)  # pylint: disable=protected-access
+    local = test_indices(plan.end_frame - plan.first_frame)
     frames = video_lib.read_video(minute_video, pick=lambda n, p=plan, i=local: p.first_frame + i,
                                   audio=False).frames
     first, end = (round(plan.start * whole.sample_rate), round(plan.end * whole.sample_rate))
