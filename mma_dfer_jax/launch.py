@@ -8,7 +8,6 @@ Re-running a command resumes from its work directory. Multi-host (not needed on 
 peers): --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every host. The config and the work
 directory are checked before anything is computed or written; a user error is one line and exit code 2 (cli.py).
 """
-import os
 import sys
 
 from absl import app
@@ -32,7 +31,7 @@ def define_flags(argv) -> None:
   flags.DEFINE_enum('mode', 'train', list(MODES), 'What to run.')
   flags.DEFINE_list('folds', None, "Folds for --mode cross_validate (default: all of the dataset's protocol).")
   flags.DEFINE_string('coordinator_address', None, 'Multi-host: address:port of process 0.')
-  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes (1: one process, no cluster detection).')
   flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
   flags.DEFINE_bool('cpu_collectives_gloo', True, 'Use gloo for cross-process collectives on CPU.')
   for name in FLAG_NAMES:  # absl's --help lists the flags of the module named like sys.argv[0]
@@ -40,14 +39,11 @@ def define_flags(argv) -> None:
 
 
 def initialize_distributed():
-  import jax  # pylint: disable=import-outside-toplevel
-  if FLAGS.num_processes and FLAGS.num_processes > 1:
-    if FLAGS.cpu_collectives_gloo:
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
-  elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()  # TPU pods: JAX discovers the peers itself
+  """A multi-process runtime wherever JAX knows the cluster (TPU VM pods, GKE, SLURM, Open MPI) or the flags say
+  so; one process otherwise (mma_dfer_jax/distributed.py)."""
+  from mma_dfer_jax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         cpu_collectives='gloo' if FLAGS.cpu_collectives_gloo else None)
 
 
 def _folds(dataset: str) -> list:
