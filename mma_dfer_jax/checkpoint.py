@@ -7,8 +7,9 @@ Two kinds of directory hold parameters:
 `load_params` and `load_config` accept either, so `init.checkpoint`, `predict --checkpoint` and `--mode eval` do too.
 
 Damaged checkpoints heal: a training step that does not restore (a truncated array file, an empty `_METADATA`, a
-garbled iterator state, missing files) is moved aside to `DIR/checkpoints.damaged/<step>-<time>/` (outside Orbax's
-step folders, never deleted) with one warning, and the next older step is used. Only process 0 moves folders.
+garbled iterator state, missing files) while an older one does is moved aside to
+`DIR/checkpoints.damaged/<step>-<time>/` (outside Orbax's step folders, never deleted) with one warning, and the
+older step is used. When no step restores nothing is moved (NoIntactCheckpointError). Only process 0 moves folders.
 """
 import datetime
 import json
@@ -89,19 +90,36 @@ def move_aside(step_dir, error: BaseException) -> None:
                   step_dir, reason, target)
 
 
-def restore_newest_intact(workdir, restore_step):
-  """`(step, restore_step(step))` for the newest step that restores; newer damaged steps are moved aside.
+class NoIntactCheckpointError(CheckpointNotFoundError):
+  """No step of a work directory restores: nothing was moved (a systematic cause, such as another config or process
+  count, is likelier than every step being damaged)."""
 
-  `(None, None)` when no step restores (or there is none). Every exception of `restore_step` counts as damage, so
-  check that the config fits the checkpoints first.
+
+def restore_newest_intact(workdir, restore_step):
+  """`(step, restore_step(step))` for the newest step that restores; the newer steps that did not are moved aside.
+
+  `(None, None)` when there is no step. When no step restores, nothing is moved and NoIntactCheckpointError names
+  the newest step's error.
   """
   root = epath.Path(workdir) / TRAIN_CHECKPOINTS_DIR
-  for step in reversed(train_steps(workdir)):
+  steps = train_steps(workdir)
+  failed = []
+  for step in reversed(steps):
     try:
-      return step, restore_step(step)
+      restored = restore_step(step)
     except Exception as e:  # pylint: disable=broad-exception-caught
-      move_aside(root / str(step), e)
-  return None, None
+      failed.append((step, e))
+      continue
+    for damaged, error in failed:
+      move_aside(root / str(damaged), error)
+    return step, restored
+  if not failed:
+    return None, None
+  step, error = failed[0]
+  reason = ' '.join(f'{type(error).__name__}: {error}'.split())[:300]
+  raise NoIntactCheckpointError(
+      f'{root}: none of the checkpoints {steps} restores (step {step}: {reason}); nothing was moved. If they are '
+      f'damaged, move {root} aside to start afresh; else rerun with the config and process count they were made with')
 
 
 def _restore_tree(path):
@@ -115,11 +133,8 @@ def load_params(path) -> dict:
     return _restore_tree(path / PARAMS_DIR)
   steps = train_steps(path)
   if steps:
-    step, state = restore_newest_intact(
+    _, state = restore_newest_intact(
         path, lambda step: _restore_tree(path / TRAIN_CHECKPOINTS_DIR / str(step) / 'state'))
-    if step is None:
-      raise CheckpointNotFoundError(
-          f'{path}: none of the checkpoints {steps} restores (moved to {TRAIN_CHECKPOINTS_DIR}{DAMAGED_SUFFIX}/)')
     return state['params']
   if (path / '_CHECKPOINT_METADATA').is_file():  # an Orbax tree written directly at `path`
     return _restore_tree(path)

@@ -294,20 +294,31 @@ def _verify_on_this_process(step_dir: Path, abstract):
 def _resume(manager, workdir: Path, abstract, mesh, train_iter):
   """`(step, (state, loss_sum, loss_count))` from the newest checkpoint that restores, or `(None, None)`.
 
-  One process: restore the steps newest first; a failure moves the step aside. Several: process 0 reads the steps
+  One process: restore the steps newest first; once one restores, the newer ones are moved aside (when none
+  does, nothing is moved: a UserError). Several: process 0 reads the steps
   on its own to find the newest intact one (a collective restore that fails on one process only would leave the
   others waiting at Orbax's barrier), broadcasts it, and every process restores that step.
   """
+  none_restores = -2
   if jax.process_count() == 1:
-    found = checkpoint.restore_newest_intact(workdir, lambda s: _restore(manager, s, abstract, mesh, train_iter))
+    try:
+      found = checkpoint.restore_newest_intact(workdir, lambda s: _restore(manager, s, abstract, mesh, train_iter))
+    except checkpoint.NoIntactCheckpointError as e:
+      raise UserError(str(e)) from None
   else:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    step = -1
+    step, message = -1, ''
     if is_main_process():
       root = workdir / checkpoint.TRAIN_CHECKPOINTS_DIR
-      chosen, _ = checkpoint.restore_newest_intact(workdir, lambda s: _verify_on_this_process(root / str(s), abstract))
-      step = -1 if chosen is None else chosen
+      try:
+        chosen, _ = checkpoint.restore_newest_intact(
+            workdir, lambda s: _verify_on_this_process(root / str(s), abstract))
+        step = -1 if chosen is None else chosen
+      except checkpoint.NoIntactCheckpointError as e:
+        step, message = none_restores, str(e)
     step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
+    if step == none_restores:
+      raise UserError(message or f'{workdir}: no checkpoint restores (process 0 says which and why)')
     found = (None, None) if step < 0 else (step, _restore(manager, step, abstract, mesh, train_iter))
   manager.reload()  # forget the steps moved aside
   return found

@@ -122,9 +122,18 @@ def test_no_step_restores_raises_not_found(finished, tmp_path):
   workdir = copy_run(finished, tmp_path)
   for step in ('6', '8'):
     empty_metadata(workdir / 'checkpoints' / step)
-  with pytest.raises(checkpoint.CheckpointNotFoundError, match='none of the checkpoints'):
+  with pytest.raises(checkpoint.NoIntactCheckpointError, match=r'none of the checkpoints \[6, 8\] restores'):
     checkpoint.load_params(workdir)
-  assert len(damaged_dirs(workdir)) == 2
+  assert not damaged_dirs(workdir) and checkpoint.train_steps(workdir) == [6, 8]  # a systematic cause: kept
+
+
+def test_no_step_restores_stops_training_and_moves_nothing(finished, tmp_path):
+  workdir = copy_run(finished, tmp_path)
+  for step in ('6', '8'):  # e.g. a resume on another process count: every step's iterator state is missing
+    (workdir / 'checkpoints' / step / 'data' / 'process_0-of-1.json').unlink()
+  with pytest.raises(experiment.UserError, match=r'none of the checkpoints \[6, 8\] restores .* nothing was moved'):
+    experiment.train_and_evaluate(tiny_config(), workdir)
+  assert not damaged_dirs(workdir) and checkpoint.train_steps(workdir) == [6, 8]
 
 
 @pytest.mark.slow
