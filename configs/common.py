@@ -9,6 +9,9 @@ def model_config(num_classes: int) -> ml_collections.ConfigDict:
   """MMA-DFER at the paper's size: two ViT-B/16 encoders, one temporal layer."""
   m = ml_collections.ConfigDict()
   m.num_classes = num_classes
+  # 'audio_video': the paper's model; 'video' (face ViT only) or 'audio' (AudioMAE only): a unimodal model without the
+  # other encoder and without the fusion adapters (README.md, "Unimodal models"). Released checkpoints are audio_video.
+  m.modalities = 'audio_video'
   m.img_size = 224               # face crops are img_size x img_size
   m.patch_size = 16
   m.num_frames = 16              # frames sampled per clip (one per segment)

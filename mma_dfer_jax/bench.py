@@ -73,7 +73,8 @@ def analytic_flops(model_config, batch: int, train_mode: bool = True) -> dict:
   """Model FLOPs of one step on `batch` clips, by part.
 
   Forward: both ViTs over every token (cls, patches, prompts), their patch embeddings, the fusion adapters on every
-  token, the projection, temporal transformer and classifier. Backward (train): the frozen encoders need no weight
+  token, the projection, temporal transformer and classifier; a unimodal model (model.modalities) counts its one ViT
+  and no adapters. Backward (train): the frozen encoders need no weight
   gradients, so their weight matmuls cost the forward again (input gradients only); attention score/value matmuls
   and every trainable matmul cost twice the forward (both operands' gradients); the patch embeddings none (their
   input is the clip). Rematerialisation is not counted (model FLOPs, not hardware FLOPs).
@@ -83,12 +84,13 @@ def analytic_flops(model_config, batch: int, train_mode: bool = True) -> dict:
   gv, ga = mma_dfer.vision_grid(c), mma_dfer.audio_grid(c)
   lv, la = 1 + gv[0] * gv[1] + k, 1 + ga[0] * ga[1] + k
   t = c.num_frames
-  vd, va = _vit_block(lv, d, c.mlp_dim)
-  ad, aa = _vit_block(la, d, c.mlp_dim)
-  frozen_dense = c.depth * (t * vd + ad)
-  frozen_attention = c.depth * (t * va + aa)
-  embed = 2 * (t * gv[0] * gv[1] * p * p * 3 + ga[0] * ga[1] * p * p) * d
-  adapters = c.depth * (t * lv + la) * 2 * (2 * d * c.fusion_width)
+  video_on, audio_on = mma_dfer.uses_video(c), mma_dfer.uses_audio(c)
+  vd, va = (t * x * video_on for x in _vit_block(lv, d, c.mlp_dim))
+  ad, aa = (x * audio_on for x in _vit_block(la, d, c.mlp_dim))
+  frozen_dense = c.depth * (vd + ad)
+  frozen_attention = c.depth * (va + aa)
+  embed = 2 * (video_on * t * gv[0] * gv[1] * p * p * 3 + audio_on * ga[0] * ga[1] * p * p) * d
+  adapters = c.depth * (t * lv + la) * 2 * (2 * d * c.fusion_width) * (video_on and audio_on)
   tw, inner, lt = c.temporal_width, c.temporal_heads * c.temporal_head_dim, t + 1
   temporal = (2 * t * d * tw
               + c.temporal_layers * (2 * lt * tw * 3 * inner + 2 * lt * inner * tw + 4 * lt * lt * inner
@@ -104,12 +106,19 @@ def analytic_flops(model_config, batch: int, train_mode: bool = True) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # The benchmark.
 
+def batch_keys(model_config) -> tuple:
+  """The inputs a step is fed: a unimodal model (model.modalities) gets no input of the absent modality."""
+  return tuple(k for k, used in (('video', mma_dfer.uses_video(model_config)),
+                                 ('audio', mma_dfer.uses_audio(model_config)), ('label', True)) if used)
+
+
 def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
   c = config.model
   rng = np.random.default_rng(seed)
-  return {'video': rng.integers(0, 256, (batch_size, c.num_frames, c.img_size, c.img_size, 3), dtype=np.uint8),
-          'audio': rng.standard_normal((batch_size, c.audio_frames, c.audio_mels), dtype=np.float32),
-          'label': rng.integers(0, c.num_classes, (batch_size,)).astype(np.int32)}
+  batch = {'video': rng.integers(0, 256, (batch_size, c.num_frames, c.img_size, c.img_size, 3), dtype=np.uint8),
+           'audio': rng.standard_normal((batch_size, c.audio_frames, c.audio_mels), dtype=np.float32),
+           'label': rng.integers(0, c.num_classes, (batch_size,)).astype(np.int32)}
+  return {k: batch[k] for k in batch_keys(c)}
 
 
 def _xla_flops(cost):
@@ -215,7 +224,7 @@ def _input_pipeline_run(config, step, state, rngs, steps, warmup, mesh, syntheti
   except Exception as e:  # noqa: BLE001  (no pipeline, no dataset: a message, not a crash)
     return state, {'error': f'{type(e).__name__}: {e}'.splitlines()[0]}
 
-  keys = ('video', 'audio', 'label')
+  keys = batch_keys(config.model)
   expected = synthetic_batch(config, config.batch_size // jax.process_count())
   for k in keys:
     if np.shape(first[k]) != expected[k].shape:

@@ -189,6 +189,9 @@ def check_model_config(model_config) -> None:
   _require(model_config.width % model_config.num_heads == 0,
            f'config.model.width={model_config.width} is not divisible by config.model.num_heads='
            f'{model_config.num_heads}')
+  kinds = ('audio_video', 'video', 'audio')  # models/mma_dfer.py MODALITIES (not imported: cli stays JAX-free)
+  modalities = model_config.get('modalities', 'audio_video')
+  _require(modalities in kinds, f'config.model.modalities={modalities!r}: use one of {", ".join(kinds)}')
 
 
 def check_config(config, device_count: Optional[int] = None, process_count: int = 1) -> None:
@@ -226,10 +229,12 @@ def check_config(config, device_count: Optional[int] = None, process_count: int 
 def check_writable_dir(path, flag: str) -> None:
   """`path` is a directory this process can write into, or can be created as one (nothing is created here).
 
-  gs:// and other URLs are not checked. A probe file is written and removed, since permission bits alone do not
-  tell (root ignores them; read-only mounts do not show in them).
+  A probe file is written and removed, since permission bits alone do not tell (root ignores them; read-only mounts
+  do not show in them). URLs such as gs://bucket/run the same way, through etils.epath (a missing bucket, no
+  credentials or no write permission fail here).
   """
   if re.match(r'^[a-z][a-z0-9+.-]*://', str(path)):
+    _check_writable_url(str(path), flag)
     return
   path = Path(path)
   existing = path
@@ -243,3 +248,20 @@ def check_writable_dir(path, flag: str) -> None:
   except OSError as e:
     raise UserError(f'{flag} {path}: cannot write in {existing} ({e.strerror}); choose another {flag} or fix its '
                     'permissions') from None
+
+
+def _check_writable_url(url: str, flag: str) -> None:
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  path = epath.Path(url)
+  probe = path / f'.write-probe-{os.getpid()}-{os.urandom(4).hex()}'
+  try:
+    is_file = path.is_file()
+    if not is_file:
+      probe.write_text('')
+      probe.unlink()
+  except Exception as e:  # pylint: disable=broad-exception-caught  # each storage client raises its own types
+    reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+    raise UserError(f'{flag} {url}: cannot write there ({reason}); check that the bucket exists and that these '
+                    f'credentials may write to it, or choose another {flag}') from None
+  if is_file:
+    raise UserError(f'{flag} {url}: is a file, not a directory; choose another {flag}')

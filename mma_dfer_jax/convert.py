@@ -12,7 +12,6 @@ import math
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import flax
@@ -182,13 +181,25 @@ def _is_dropped(name):
   return any(re.fullmatch(p, name) for p in DROPPED_REFERENCE_TENSORS)
 
 
+def _require_audio_visual(model_config, where) -> None:
+  """The released models are the paper's audio-visual model; dropping an encoder and the fusion adapters from one
+  would be a different, untrained model, so a unimodal config is refused rather than half-filled."""
+  kind = mma_dfer.modalities(model_config)
+  if kind != 'audio_video':
+    raise ConversionError(f"{where}: released MMA-DFER checkpoints are audio-visual; config.model.modalities="
+                          f"{kind!r} cannot hold one: convert with --config.model.modalities=audio_video (a "
+                          "unimodal model starts from the SSL encoders: convert ssl)")
+
+
 def load_released_checkpoint(path, model_config) -> dict:
   """Params of `MMADFER(model_config)` from a released MMA-DFER `model.pth` (module.-prefixed state_dict)."""
+  _require_audio_visual(model_config, path)  # before reading a large file
   return params_from_reference(pth_reader.state_dict(pth_reader.load_pth(path), path), model_config, path)
 
 
 def params_from_reference(tensors: dict, model_config, where='checkpoint') -> dict:
   """Params from a reference state dict {name: array}; every tensor must be used or be in the dropped list."""
+  _require_audio_visual(model_config, where)
   tensors = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in tensors.items()}
   layout = reference_layout(model_config)
   used = {n for src in layout.values() for n in src.names}
@@ -264,8 +275,22 @@ def resize_pos_embed(ssl_pos, old_grid, new_grid, new_rows, rng) -> np.ndarray:
   return np.concatenate([cls, grid, prompt_rows])[None]
 
 
+def ssl_encoders(model_config) -> tuple:
+  """(our encoder name, SSL file role) of each encoder the model has: ('vision', 'face') and/or ('audio', 'audio')."""
+  used = []
+  if mma_dfer.uses_video(model_config):
+    used.append(('vision', 'face'))
+  if mma_dfer.uses_audio(model_config):
+    used.append(('audio', 'audio'))
+  return tuple(used)
+
+
 def init_from_ssl(model_config, face_path, audio_path, rng) -> dict:
-  """Starting params: frozen encoders from MAE-Face / AudioMAE, everything new initialised as the reference does."""
+  """Starting params: frozen encoders from MAE-Face / AudioMAE, everything new initialised as the reference does.
+
+  A unimodal model (model.modalities 'video' or 'audio') reads only its encoder's file; the other path is not
+  opened and may be empty or None.
+  """
   c = model_config
   init_rng, face_rng, audio_rng = jax.random.split(rng, 3)
   video = jnp.zeros((1, c.num_frames, c.img_size, c.img_size, 3), jnp.float32)
@@ -274,7 +299,13 @@ def init_from_ssl(model_config, face_path, audio_path, rng) -> dict:
   flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
   shapes = {k: v.shape for k, v in flat.items()}
   grids = {'vision': mma_dfer.vision_grid(c), 'audio': mma_dfer.audio_grid(c)}
-  for ours, path, pos_rng in (('vision', face_path, face_rng), ('audio', audio_path, audio_rng)):
+  paths = {'face': face_path, 'audio': audio_path}
+  pos_rngs = {'vision': face_rng, 'audio': audio_rng}
+  for ours, role in ssl_encoders(c):
+    path, pos_rng = paths[role], pos_rngs[ours]
+    if not path:
+      raise ConversionError(f'config.model.modalities={mma_dfer.modalities(c)!r} needs the {role} SSL checkpoint; '
+                            f'none was given')
     tensors = pth_reader.state_dict(pth_reader.load_pth(path), path)
     flat.update(_gather(encoder_layout(c, ours, ''), tensors, shapes, path))
     if 'pos_embed' not in tensors:
@@ -293,13 +324,11 @@ def _count(params) -> int:
 def _checked_out(out: str, overwrite: bool) -> str:
   """Refuses an --out that cannot take a checkpoint, before any conversion work (one line, exit code 2)."""
   from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  if re.match(r'^[a-z][a-z0-9+.-]*://', out):
-    return out
-  path = Path(out)
+  path = checkpoint.as_path(out)  # a local directory or a URL such as gs://bucket/ckpt
   if path.exists() and not path.is_dir():
     raise cli.UserError(f'--out {out}: is a file; give a directory (convert writes DIR/{checkpoint.PARAMS_DIR}/ '
                         f'and DIR/{checkpoint.CONFIG_FILE})')
-  cli.check_writable_dir(path, '--out')
+  cli.check_writable_dir(out, '--out')
   if not overwrite:
     if (path / checkpoint.PARAMS_DIR).exists():
       raise cli.UserError(f'--out {out}: already holds a converted checkpoint ({checkpoint.PARAMS_DIR}/); choose '
@@ -312,8 +341,6 @@ def _checked_out(out: str, overwrite: bool) -> str:
 
 def main(argv=None) -> int:
   """The command line (`mma-dfer-convert`): parses `argv` (sys.argv by default) with fresh flag values."""
-  import shutil  # pylint: disable=import-outside-toplevel
-
   from absl import flags  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
 
@@ -337,9 +364,12 @@ def main(argv=None) -> int:
     raise cli.UserError('--out is required: the directory the checkpoint is written to')
   if rest[1] == 'released' and not f.src:
     raise cli.UserError('`released` needs --src model.pth')
-  if rest[1] == 'ssl' and not (f.face and f.audio):
-    raise cli.UserError('`ssl` needs --face mae_face_pretrain_vit_base.pth and --audio audiomae.pth')
   cli.check_model_config(config.model)
+  needed = {'face': (f.face, '--face mae_face_pretrain_vit_base.pth'), 'audio': (f.audio, '--audio audiomae.pth')}
+  missing = [needed[role][1] for _, role in ssl_encoders(config.model) if not needed[role][0]]
+  if rest[1] == 'ssl' and missing:
+    raise cli.UserError(f'`ssl` with config.model.modalities={mma_dfer.modalities(config.model)!r} needs '
+                        + ' and '.join(missing))
   out = _checked_out(f.out, f.overwrite)
   logging.set_verbosity(logging.WARNING)
   started = time.perf_counter()
@@ -347,9 +377,9 @@ def main(argv=None) -> int:
     params = load_released_checkpoint(f.src, config.model)
   else:
     params = init_from_ssl(config.model, f.face, f.audio, jax.random.key(config.seed))
-  old_params = Path(out) / checkpoint.PARAMS_DIR
-  if f.overwrite and '://' not in out and old_params.is_dir():
-    shutil.rmtree(old_params)  # only now that the new parameters are ready
+  old_params = checkpoint.as_path(out) / checkpoint.PARAMS_DIR
+  if f.overwrite and old_params.is_dir():
+    old_params.rmtree()  # only now that the new parameters are ready
   written = checkpoint.save_params(out, params, config)
   print(f'wrote {_count(params) / 1e6:.1f}M parameters to {written} in {time.perf_counter() - started:.1f} s')
   return 0

@@ -5,7 +5,9 @@
 
 The exported function takes video uint8 (N, T, H, W, 3) (T = model.num_frames, H = W = model.img_size; RGB face
 crops as the test pipeline makes them) and the normalised fbank float32 (N, 512, 128) and returns the class
-probabilities float32 (N, C); N is symbolic. The uint8 -> [0, 1] conversion is inside, as in the eval step. The
+probabilities float32 (N, C); N is symbolic. A unimodal model (model.modalities 'video' or 'audio') keeps this
+two-input signature and ignores the absent modality's input (give zeros of its shape); the sidecar marks that
+input `"used": false`. The uint8 -> [0, 1] conversion is inside, as in the eval step. The
 parameters are baked into the module as constants, and all platforms share one module (jax.export lowers a
 multi-platform module once; the constants are stored once), so the artifact is the one file a user needs:
 
@@ -21,7 +23,6 @@ A user error is one line and exit code 2 (cli.py).
 import json
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from mma_dfer_jax import cpu_kernels
 from mma_dfer_jax import labels as labels_lib
 from mma_dfer_jax import train
 from mma_dfer_jax.models import MMADFER
+from mma_dfer_jax.models import mma_dfer
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
@@ -92,11 +94,14 @@ def sidecar(exported: jax.export.Exported, config, checkpoint_dir=None) -> dict:
       'class_names': list(labels_lib.class_names(config.get('dataset', ''), c.num_classes)),
       'inputs': {
           'video': {'shape': _shape_text(video), 'dtype': 'uint8',
-                    'meaning': 'RGB face crops, 0..255, the frames at the test-time segment centres'},
+                    'meaning': 'RGB face crops, 0..255, the frames at the test-time segment centres',
+                    'used': mma_dfer.uses_video(c)},
           'audio': {'shape': _shape_text(audio), 'dtype': 'float32',
                     'meaning': 'the normalised Kaldi fbank (mma_dfer_jax.audio.load_fbank)',
-                    'silent_value': float(audio_lib.silent_fbank(1, 1)[0, 0])},  # a clip without audio: all this
+                    'silent_value': float(audio_lib.silent_fbank(1, 1)[0, 0]),  # a clip without audio: all this
+                    'used': mma_dfer.uses_audio(c)},
       },
+      'modalities': mma_dfer.modalities(c),
       'outputs': {'probabilities': {'shape': ['batch', c.num_classes], 'dtype': 'float32'}},
       'platforms': list(exported.platforms),
       'implementations': implementations,
@@ -111,10 +116,10 @@ def write(exported: jax.export.Exported, info: dict, out) -> dict:
   """Writes FILE (the serialized module) and FILE.json; returns {'bytes': ..., 'seconds': ...}."""
   start = time.perf_counter()
   blob = exported.serialize()
-  out = Path(out)
+  out = checkpoint.as_path(out)  # a local file or a URL such as gs://bucket/model.jax
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_bytes(blob)
-  Path(str(out) + SIDECAR_SUFFIX).write_text(json.dumps(info, indent=2) + '\n')
+  out.with_name(out.name + SIDECAR_SUFFIX).write_text(json.dumps(info, indent=2) + '\n')
   return {'bytes': len(blob), 'seconds': time.perf_counter() - start}
 
 
@@ -132,7 +137,7 @@ def parse_platforms(text: str) -> tuple:
 
 def load_checkpoint(checkpoint_dir, config=None):
   """(params, config): the config given (from --config) replaces the one stored with the checkpoint."""
-  path = Path(checkpoint_dir)
+  path = checkpoint.as_path(checkpoint_dir)
   if not path.is_dir():
     raise cli.UserError(f'--checkpoint {checkpoint_dir}: no such directory (give the --out of convert or a '
                         'launch.py work directory)')
@@ -167,14 +172,14 @@ def main(argv=None) -> int:
   if not flag_values.checkpoint or not flag_values.out:
     raise cli.UserError('--checkpoint DIR and --out FILE are required')
   platforms = parse_platforms(flag_values.platforms)
-  cli.check_writable_dir(Path(flag_values.out).absolute().parent, '--out')
+  cli.check_writable_dir(checkpoint.as_path(flag_values.out).parent, '--out')
   params, config = load_checkpoint(flag_values.checkpoint, flag_values.config)
   cli.check_model_config(config.model)
 
   start = time.perf_counter()
   exported = export_model(params, config.model, platforms)
   export_seconds = time.perf_counter() - start
-  written = write(exported, sidecar(exported, config, Path(flag_values.checkpoint).absolute()), flag_values.out)
+  written = write(exported, sidecar(exported, config, checkpoint.as_path(flag_values.checkpoint)), flag_values.out)
   print(json.dumps({'out': str(flag_values.out), 'platforms': list(platforms), 'bytes': written['bytes'],
                     'export_s': round(export_seconds, 2), 'serialize_s': round(written['seconds'], 2)}))
   return 0

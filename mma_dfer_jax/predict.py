@@ -123,6 +123,16 @@ def clip_inputs(frames, audio, sample_rate, model_config, face_boxes=None):
   return crops, fbank, face_detected, seconds
 
 
+def uses_faces(model_config) -> bool:
+  """False for an audio-only model (model.modalities='audio'): it never sees the frames, so no face is looked for."""
+  return model_config.get('modalities', 'audio_video') != 'audio'
+
+
+def uses_audio(model_config) -> bool:
+  """False for a video-only model (model.modalities='video'): its fbank is not computed (the model ignores it)."""
+  return model_config.get('modalities', 'audio_video') != 'video'
+
+
 def _class_names(config):
   from mma_dfer_jax import labels  # pylint: disable=import-outside-toplevel
   return labels.class_names(config.get('dataset', ''), config.model.num_classes)
@@ -146,7 +156,12 @@ def predict_video(path, params, config, save_frames: Optional[str] = None) -> di
   clip = video_lib.read_video(path, pick=_test_indices(model_config.num_frames), max_side=MAX_FRAME_SIDE)
   timings['decode'] = time.perf_counter() - start
 
-  crops, fbank, face_detected, seconds = clip_inputs(clip.frames, clip.audio, clip.sample_rate, model_config)
+  # A unimodal model's absent input is not prepared: no face detection for audio-only (centre crops, unused), the
+  # silent fbank for video-only.
+  detect = uses_faces(model_config)
+  crops, fbank, face_detected, seconds = clip_inputs(
+      clip.frames, clip.audio if uses_audio(model_config) else None, clip.sample_rate, model_config,
+      face_boxes=None if detect else [None] * len(clip.frames))
   timings.update(seconds)
 
   t = time.perf_counter()
@@ -164,11 +179,15 @@ def predict_video(path, params, config, save_frames: Optional[str] = None) -> di
   names = _class_names(config)
   best = int(np.argmax(probabilities))
   notes = []
-  if clip.audio is None:
+  if not uses_audio(model_config):
+    notes.append('video-only model (model.modalities=video): the audio track is not used')
+  elif clip.audio is None:
     notes.append('the video has no audio track: the model got the silent (all-zero) fbank')
   if clip.damaged_packets:
     notes.append(f'{clip.damaged_packets} damaged packets could not be decoded and were skipped')
-  if not face_detected:
+  if not detect:
+    notes.append('audio-only model (model.modalities=audio): the frames are not used; no face was looked for')
+  elif not face_detected:
     notes.append('no face was found: the model got centre crops')
   if clip.ended_early:
     notes.append(f'the video stream ends early: its header declares {clip.declared_frames} frames, '
@@ -180,7 +199,7 @@ def predict_video(path, params, config, save_frames: Optional[str] = None) -> di
       'video': str(path),
       'label': names[best],
       'probabilities': {name: float(p) for name, p in zip(names, probabilities)},
-      'face_detected': bool(face_detected),
+      'face_detected': bool(face_detected) if detect else None,  # null: an audio-only model looks for none
       'has_audio': clip.audio is not None,
       'frames_used': [int(i) for i in clip.indices],
       'num_frames': int(clip.num_frames),
@@ -242,7 +261,8 @@ def format_table(result: dict) -> str:
   for name, p in ranked:
     lines.append(f'  {name:<{width}}  {p:6.1%}  {"#" * int(round(p * 40))}')
   lines.append('')
-  lines.append(f"  face detected: {'yes' if result['face_detected'] else 'no'}    "
+  face = {True: 'yes', False: 'no', None: 'not looked for'}[result['face_detected']]
+  lines.append(f"  face detected: {face}    "
                f"audio: {'yes' if result['has_audio'] else 'no'}    frames: {result['num_frames']} "
                f"at {result['fps']:.2f} fps, used {result['frames_used']}")
   lines.append('  seconds: ' + ', '.join(f'{k} {v:.2f}' for k, v in result['timings'].items()))
@@ -286,8 +306,7 @@ def load_model(checkpoint_dir, config_path=None):
     PredictError: no checkpoint there, it cannot be read, or the config's model does not fit its parameters.
   """
   from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  checkpoint_dir = Path(checkpoint_dir)
-  if not checkpoint_dir.is_dir():
+  if not checkpoint.as_path(checkpoint_dir).is_dir():  # a local directory or a URL such as gs://bucket/run
     raise PredictError(f'{checkpoint_dir}: no such checkpoint directory (give the --out of convert or a '
                        'launch.py work directory)')
   stored = checkpoint.load_config(checkpoint_dir)

@@ -135,11 +135,12 @@ def create_train_state(config, params, steps_per_epoch=None, platforms=None) -> 
 
 
 def to_model_inputs(batch):
-  """Video to float in [0, 1] on the device (frames travel as uint8); audio as float32."""
-  video = batch['video']
-  if video.dtype == jnp.uint8:
+  """Video to float in [0, 1] on the device (frames travel as uint8); audio as float32. A unimodal model's batch
+  may leave out the other modality (None here; the model ignores it)."""
+  video, audio = batch.get('video'), batch.get('audio')
+  if video is not None and video.dtype == jnp.uint8:
     video = video.astype(jnp.float32) / 255.0
-  return video, batch['audio'].astype(jnp.float32)
+  return video, None if audio is None else audio.astype(jnp.float32)
 
 
 def cross_entropy(logits, labels, num_classes, label_smoothing=0.0):

@@ -1,5 +1,11 @@
 """MMA-DFER: two frozen ViT encoders run in lockstep, exchanging information through adapters after every layer,
 then a temporal transformer classifies the clip. The numbered steps follow REFERENCE.md's model section.
+
+`model.modalities` picks the variant: 'audio_video' (the paper's model), or a unimodal model that is the same steps
+with one encoder left out: 'video' (the face ViT on every frame) or 'audio' (AudioMAE on the fbank). A unimodal
+model has no parameters of the absent encoder nor of the fusion adapters (they exist to exchange information between
+the two); each remaining encoder keeps its trainable position embedding and progressive prompts. Its input of the
+absent modality is ignored and may be None. README.md, "Unimodal models", walks through the steps of each variant.
 """
 import functools
 
@@ -15,6 +21,23 @@ from mma_dfer_jax.models import temporal
 from mma_dfer_jax.models import vit
 
 PROMPT_STAGE_EVERY = 6  # a new stage of progressive prompts every 6 blocks
+MODALITIES = ('audio_video', 'video', 'audio')  # model.modalities: the paper's model, face-only, audio-only
+
+
+def modalities(model_config) -> str:
+  """model.modalities, checked; 'audio_video' for configs saved before the key existed."""
+  value = model_config.get('modalities', 'audio_video')
+  if value not in MODALITIES:
+    raise ValueError(f'model.modalities={value!r}: use one of {", ".join(MODALITIES)}')
+  return value
+
+
+def uses_video(model_config) -> bool:
+  return modalities(model_config) != 'audio'
+
+
+def uses_audio(model_config) -> bool:
+  return modalities(model_config) != 'video'
 
 
 def num_prompts(model_config) -> int:
@@ -106,8 +129,44 @@ class LockstepLayer(nn.Module):
     return (xv, xa), None
 
 
+class EncoderLayer(nn.Module):
+  """Step 5 of a unimodal model for one layer i: the encoder's frozen block, then its progressive prompts. There
+  is no fusion adapter: both of its directions read the other modality's tokens."""
+  model_config: object
+  encoder: str  # 'vision' or 'audio': names the block as the audio-visual model does, so paths match
+  train: bool
+  dtype: object
+
+  @nn.compact
+  def __call__(self, x, per_layer):
+    drop_rate, prompt_update = per_layer
+    c = self.model_config
+    x = vit.EncoderBlock(c.num_heads, c.mlp_dim, self.dtype, c.attention_impl, c.get('matmul_impl', ''),
+                         name=f'{self.encoder}_block')(x, drop_rate, self.train)
+    return x.at[:, -num_prompts(c):].add(prompt_update.astype(x.dtype)), None
+
+
+def _scanned(layer, model_config, *args):
+  """`layer` scanned over the depth (one compiled layer; parameters stacked on a leading depth axis), with the
+  configured rematerialisation, as the module named 'layers'."""
+  c = model_config
+  if c.remat:
+    layer = nn.remat(layer, prevent_cse=False, policy=remat_policy(c.remat_policy))
+  scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                    in_axes=0, length=c.depth, unroll=c.scan_unroll)
+  return scanned(c, *args, name='layers')
+
+
+def _final_cls(x, name, dtype):
+  """Step 6 for one encoder: its frozen final LayerNorm on the cls token, as float32."""
+  return nn.LayerNorm(epsilon=vit.VIT_LN_EPS, dtype=dtype, name=name)(x[:, 0]).astype(jnp.float32)
+
+
 class MMADFER(nn.Module):
-  """`apply({'params': p}, video (N,T,H,W,3) in [0,1], audio (N,512,128), train)` -> float32 logits (N, C)."""
+  """`apply({'params': p}, video (N,T,H,W,3) in [0,1], audio (N,512,128), train)` -> float32 logits (N, C).
+
+  With model.modalities 'video' the audio argument is ignored (None is fine); with 'audio' the video one.
+  """
   config: object  # config.model
 
   @nn.compact
@@ -116,29 +175,15 @@ class MMADFER(nn.Module):
     if c.depth % PROMPT_STAGE_EVERY:
       raise ValueError(f'model.depth={c.depth}: MMA-DFER adds prompts every 6 blocks, so depth must be a multiple of 6')
     dtype = jnp.dtype(c.dtype)
-    n, t = video.shape[:2]
-    if audio.ndim == 4:  # accept the reference's (N, 1, frames, mels)
+    if audio is not None and audio.ndim == 4:  # accept the reference's (N, 1, frames, mels)
       audio = audio[:, 0]
-
-    # Steps 1-4: tokens of every frame and of the spectrogram.
-    vision = EncoderStem(c, vision_grid(c), dtype, name='vision')
-    audio_stem = EncoderStem(c, audio_grid(c), dtype, name='audio')
-    xv = vision(video.reshape((n * t,) + video.shape[2:]))
-    xa = audio_stem(audio[..., None])
-
-    # Step 5: the lockstep layers, scanned (one compiled layer; parameters stacked on a leading depth axis).
-    layer = LockstepLayer
-    if c.remat:
-      layer = nn.remat(layer, prevent_cse=False, policy=remat_policy(c.remat_policy))
-    scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                      in_axes=0, length=c.depth, unroll=c.scan_unroll)
-    per_layer = (jnp.asarray(drop_path_rates(c)), vision.prompt_updates(), audio_stem.prompt_updates())
-    (xv, xa), _ = scanned(c, t, train, dtype, name='layers')((xv, xa), per_layer)
-
-    # Step 6: final norms, cls tokens.
-    fv = nn.LayerNorm(epsilon=vit.VIT_LN_EPS, dtype=dtype, name='vision_norm')(xv[:, 0])
-    fa = nn.LayerNorm(epsilon=vit.VIT_LN_EPS, dtype=dtype, name='audio_norm')(xa[:, 0])
-    fused = fv.astype(jnp.float32).reshape(n, t, -1) + fa.astype(jnp.float32)[:, None]
+    kind = modalities(c)
+    if kind == 'audio_video':
+      fused = self._audio_visual_features(video, audio, train, dtype)
+    elif kind == 'video':
+      fused = self._video_features(video, train, dtype)
+    else:
+      fused = self._audio_features(audio, train, dtype)
     self.sow('intermediates', 'fused_frame_features', fused)
 
     # Step 7-9: projection, temporal transformer, classifier (float32).
@@ -148,3 +193,41 @@ class MMADFER(nn.Module):
                                         c.temporal_mlp_dim, name='temporal')(h)
     self.sow('intermediates', 'video_features', clip)
     return nn.Dense(c.num_classes, name='classifier', **initializers.torch_linear(clip.shape[-1]))(clip)
+
+  def _audio_visual_features(self, video, audio, train, dtype):
+    """Steps 1-6 of the paper's model: (N, T, D) float32, each frame's cls plus the clip's audio cls."""
+    c = self.config
+    n, t = video.shape[:2]
+    # Steps 1-4: tokens of every frame and of the spectrogram.
+    vision = EncoderStem(c, vision_grid(c), dtype, name='vision')
+    audio_stem = EncoderStem(c, audio_grid(c), dtype, name='audio')
+    xv = vision(video.reshape((n * t,) + video.shape[2:]))
+    xa = audio_stem(audio[..., None])
+    # Step 5: the lockstep layers.
+    per_layer = (jnp.asarray(drop_path_rates(c)), vision.prompt_updates(), audio_stem.prompt_updates())
+    (xv, xa), _ = _scanned(LockstepLayer, c, t, train, dtype)((xv, xa), per_layer)
+    # Step 6: final norms, cls tokens.
+    fv = _final_cls(xv, 'vision_norm', dtype)
+    fa = _final_cls(xa, 'audio_norm', dtype)
+    return fv.reshape(n, t, -1) + fa[:, None]
+
+  def _video_features(self, video, train, dtype):
+    """Steps 1-6 without audio: (N, T, D), each frame's cls from the face ViT alone."""
+    c = self.config
+    n, t = video.shape[:2]
+    vision = EncoderStem(c, vision_grid(c), dtype, name='vision')
+    xv = vision(video.reshape((n * t,) + video.shape[2:]))
+    per_layer = (jnp.asarray(drop_path_rates(c)), vision.prompt_updates())
+    xv, _ = _scanned(EncoderLayer, c, 'vision', train, dtype)(xv, per_layer)
+    return _final_cls(xv, 'vision_norm', dtype).reshape(n, t, -1)
+
+  def _audio_features(self, audio, train, dtype):
+    """Steps 1-6 without video: the clip's audio cls repeated for each of the num_frames temporal steps, which is
+    what the paper's step 7 adds to every frame; (N, num_frames, D)."""
+    c = self.config
+    audio_stem = EncoderStem(c, audio_grid(c), dtype, name='audio')
+    xa = audio_stem(audio[..., None])
+    per_layer = (jnp.asarray(drop_path_rates(c)), audio_stem.prompt_updates())
+    xa, _ = _scanned(EncoderLayer, c, 'audio', train, dtype)(xa, per_layer)
+    fa = _final_cls(xa, 'audio_norm', dtype)
+    return jnp.broadcast_to(fa[:, None], (fa.shape[0], c.num_frames, fa.shape[-1]))
