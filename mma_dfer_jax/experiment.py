@@ -1,7 +1,14 @@
 """The experiment loop of the paper's protocol: train a fold, evaluate after every epoch, cross-validate folds.
 
 Works unchanged on one CPU, many devices and many hosts: every process runs this code, feeds its slice of each
-global batch, and only process 0 writes logs, plots and summaries (Orbax writes checkpoints collectively).
+global batch, and only process 0 writes logs, plots and summaries (Orbax writes checkpoints collectively). The work
+directory is a local path or a gs:// URL (etils.epath, as Orbax). Every decision that takes a collective path (the
+resume step, the epochs still to evaluate, the final figures, a finished fold, a rerun's config check) is made on
+process 0 and broadcast (multihost.py): no process decides from a file another process wrote. A work directory that
+is not shared between the processes stops the run at start. SIGTERM to any process makes every process save at the
+same step and exit 0 (JAX's preemption sync point). Checkpoints hold the train state only: the input position
+follows from the step (the global batches do not depend on the process count), so a run resumes on any number of
+processes and devices, and evaluation and prediction read a checkpoint onto one device whatever wrote it.
 
 Faults. Before anything is written: the work directory must be writable (a probe file in checkpoints/); a rerun of a
 work directory that holds checkpoints must use the config they were made with, except for `RERUN_MAY_CHANGE` (more
@@ -21,17 +28,15 @@ import logging as pylogging
 import math
 import os
 import re
-import signal
 import time
-from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from mma_dfer_jax import checkpoint
 from mma_dfer_jax import convert
@@ -39,6 +44,7 @@ from mma_dfer_jax import host_memory
 from mma_dfer_jax import input_pipeline
 from mma_dfer_jax import labels as labels_lib
 from mma_dfer_jax import metrics as metrics_lib
+from mma_dfer_jax import multihost
 from mma_dfer_jax import sharding
 from mma_dfer_jax import train
 
@@ -60,6 +66,12 @@ class NonFiniteError(UserError):
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def as_path(path) -> epath.Path:
+  """A place to write as Orbax takes it: a gs:// (or other) URL as it is, a local path made absolute."""
+  text = str(path)
+  return epath.Path(text) if '://' in text else epath.Path(os.path.abspath(text))
 
 
 def say(message: str) -> None:
@@ -84,7 +96,7 @@ def initial_params(config, rng):
   """init.checkpoint, else the SSL encoders, else random encoders (said loudly)."""
   init = config.init
   if init.checkpoint:
-    if not Path(init.checkpoint).exists():
+    if not as_path(init.checkpoint).exists():
       raise UserError(f'init.checkpoint={init.checkpoint}: no such directory')
     try:
       params = checkpoint.load_params(init.checkpoint)
@@ -94,13 +106,14 @@ def initial_params(config, rng):
     say(f'Starting from the Flax checkpoint {init.checkpoint}')
     return params
   if init.face_checkpoint or init.audio_checkpoint:
-    for name in ('face_checkpoint', 'audio_checkpoint'):
+    needed = [f'{role}_checkpoint' for _, role in convert.ssl_encoders(config.model)]  # a unimodal model: one file
+    for name in needed:
       path = init[name]
-      if not path or not Path(path).is_file():
+      if not path or not as_path(path).is_file():
         raise UserError(f'init.{name}={path!r}: file not found. Download the SSL weights (see README), or pass '
                         f'--config.init.{name}=PATH; --config.init.face_checkpoint= --config.init.audio_checkpoint= '
                         'trains from random encoders')
-    say(f'Starting from the SSL encoders {init.face_checkpoint} and {init.audio_checkpoint}')
+    say(f'Starting from the SSL encoders {" and ".join(init[name] for name in needed)}')
     try:
       return convert.init_from_ssl(config.model, init.face_checkpoint, init.audio_checkpoint, rng)
     except (convert.ConversionError, ValueError) as e:
@@ -153,10 +166,23 @@ def changed_settings(saved: dict, config) -> list:
 
 
 def check_rerun_config(workdir, config) -> None:
-  """A work directory holding checkpoints is resumed only with the config they were made with (config.json)."""
+  """A work directory holding checkpoints is resumed only with the config they were made with (config.json).
+  Decided on process 0 (which reads the files) and raised on every process alike."""
+  problem = None
+  if is_main_process():
+    try:
+      _check_rerun_config(workdir, config)
+    except UserError as e:
+      problem = str(e)
+  problem = multihost.broadcast_json(problem)
+  if problem:
+    raise UserError(problem)
+
+
+def _check_rerun_config(workdir, config) -> None:
   if not checkpoint.train_steps(workdir):
     return  # nothing depends on the saved config: it is simply replaced
-  saved_file = Path(workdir) / checkpoint.CONFIG_FILE
+  saved_file = as_path(workdir) / checkpoint.CONFIG_FILE
   try:
     saved = json.loads(saved_file.read_text())
   except FileNotFoundError:
@@ -171,7 +197,7 @@ def check_rerun_config(workdir, config) -> None:
                     'rerun with the saved settings (see its config.json) or use a new --workdir')
 
 
-def check_writable(directory: Path) -> None:
+def check_writable(directory: epath.Path) -> None:
   """Create `directory` and a probe file in it (one per process), so an unwritable place fails before training."""
   probe = directory / f'.write-probe-{jax.process_index()}'
   try:
@@ -183,7 +209,7 @@ def check_writable(directory: Path) -> None:
                     '--workdir') from None
 
 
-def read_metrics(workdir: Path, repair=False) -> list:
+def read_metrics(workdir: epath.Path, repair=False) -> list:
   """The records of metrics.jsonl; a torn last line (a write cut short) is dropped with a warning, and with
   `repair` also removed from the file, so the next record starts on a line of its own."""
   path = workdir / METRICS_FILE
@@ -205,16 +231,16 @@ def read_metrics(workdir: Path, repair=False) -> list:
   return records
 
 
-def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
+def _checkpoint_manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
   # Synchronous writes: a failed write (full disk, lost permissions) raises here at once; Orbax's background save
   # would surface it only after its 300 s signal timeout. The cost is the write time at each checkpoint.
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(workdir / checkpoint.TRAIN_CHECKPOINTS_DIR, options=options,
-                               item_names=('state', 'data'))
+  # The state only: the input position follows from the step (older checkpoints' `data` items are not read).
+  return ocp.CheckpointManager(workdir / checkpoint.TRAIN_CHECKPOINTS_DIR, options=options, item_names=('state',))
 
 
-def _write_error(error: BaseException, step: int, directory: Path):
+def _write_error(error: BaseException, step: int, directory: epath.Path):
   """A CheckpointWriteError for an OSError or a TensorStore write error (the path written and the OS's reason in
   one line); None for anything else, which is a bug to show with its traceback."""
   text = str(error)
@@ -239,7 +265,7 @@ class _WriteErrorEchoes(pylogging.Filter):
     return record.levelno < pylogging.ERROR or not (record.name == 'asyncio' or '/orbax/' in record.pathname)
 
 
-def _save(manager, state, loss_sum, loss_count, train_iter):
+def _save(manager, state, loss_sum, loss_count):
   step = int(state.step)
   if step in manager.all_steps():
     return
@@ -249,11 +275,10 @@ def _save(manager, state, loss_sum, loss_count, train_iter):
     logger.addFilter(echoes)
   try:
     manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_checkpoint_tree(state, loss_sum, loss_count)),
-        data=grain.checkpoint.CheckpointSave(train_iter)))
+        state=ocp.args.StandardSave(_checkpoint_tree(state, loss_sum, loss_count))))
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-exception-caught
-    error = _write_error(e, step, Path(manager.directory))
+    error = _write_error(e, step, epath.Path(manager.directory))
     if error is None:
       raise
     raise error from e  # the filter stays: the failed save's other writes end while the run stops
@@ -261,21 +286,21 @@ def _save(manager, state, loss_sum, loss_count, train_iter):
     logger.removeFilter(echoes)
 
 
-def _restore(manager, step, state, mesh, train_iter):
+def _restore(manager, step, state, mesh):
+  """The state of `step`, laid out on this run's mesh (Orbax reshards whatever mesh and process count wrote it)."""
   def as_target(x):
     if isinstance(x, np.ndarray):  # host values (the running loss) restore as numpy
       return x
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh))
   target = jax.tree_util.tree_map(as_target, _checkpoint_tree(state, 0.0, 0))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(train_iter)))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   tree = restored['state']
   state = state.replace(params=tree['params'], opt_state=tree['opt_state'], step=tree['step'])
   return state, float(tree['epoch_loss_sum']), int(tree['epoch_loss_count'])
 
 
-def _verify_on_this_process(step_dir: Path, abstract):
-  """Read a whole step on this process alone (no collectives): the state onto a local device, the iterator JSON."""
+def _verify_on_this_process(step_dir: epath.Path, abstract):
+  """Read a whole step's state on this process alone (no collectives), onto a local device."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree_util.tree_map(
       lambda x: x if isinstance(x, np.ndarray) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -284,14 +309,9 @@ def _verify_on_this_process(step_dir: Path, abstract):
                                              active_processes={jax.process_index()})
   checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=alone)
   checkpointer.restore(step_dir / 'state', args=ocp.args.StandardRestore(target))
-  files = list((step_dir / 'data').glob('*.json'))
-  if not files:
-    raise FileNotFoundError(f'{step_dir / "data"}: no iterator state')
-  for file in files:
-    json.loads(file.read_text())
 
 
-def _resume(manager, workdir: Path, abstract, mesh, train_iter):
+def _resume(manager, workdir: epath.Path, abstract, mesh):
   """`(step, (state, loss_sum, loss_count))` from the newest checkpoint that restores, or `(None, None)`.
 
   One process: restore the steps newest first; once one restores, the newer ones are moved aside (when none
@@ -302,7 +322,7 @@ def _resume(manager, workdir: Path, abstract, mesh, train_iter):
   none_restores = -2
   if jax.process_count() == 1:
     try:
-      found = checkpoint.restore_newest_intact(workdir, lambda s: _restore(manager, s, abstract, mesh, train_iter))
+      found = checkpoint.restore_newest_intact(workdir, lambda s: _restore(manager, s, abstract, mesh))
     except checkpoint.NoIntactCheckpointError as e:
       raise UserError(str(e)) from None
   else:
@@ -319,24 +339,9 @@ def _resume(manager, workdir: Path, abstract, mesh, train_iter):
     step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
     if step == none_restores:
       raise UserError(message or f'{workdir}: no checkpoint restores (process 0 says which and why)')
-    found = (None, None) if step < 0 else (step, _restore(manager, step, abstract, mesh, train_iter))
+    found = (None, None) if step < 0 else (step, _restore(manager, step, abstract, mesh))
   manager.reload()  # forget the steps moved aside
   return found
-
-
-class _StopRequest:
-  """SIGTERM (preemption) asks the loop to save a checkpoint and exit cleanly at the next step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,7 +380,7 @@ def evaluate_split(eval_step, state, config, mesh, class_names, desc='eval') -> 
 
 @dataclasses.dataclass
 class _Writers:
-  workdir: Path
+  workdir: epath.Path
   class_names: tuple
 
   def __post_init__(self):
@@ -407,15 +412,30 @@ class _Writers:
       self.tensorboard.close()
 
 
-def _evaluated_epochs(workdir: Path) -> set:
-  return {r['epoch'] for r in read_metrics(workdir, repair=True) if r.get('kind') == 'epoch'}
+def _evaluated_epochs(workdir: epath.Path) -> set:
+  """The epochs metrics.jsonl has figures for, as process 0 reads them (every process gets the same set)."""
+  epochs = sorted({r['epoch'] for r in read_metrics(workdir, repair=True) if r.get('kind') == 'epoch'}
+                  ) if is_main_process() else None
+  return set(multihost.broadcast_json(epochs))
+
+
+def _last_epoch_record(workdir: epath.Path):
+  """The last epoch's record of metrics.jsonl as process 0 reads it, on every process (None when there is none)."""
+  record = None
+  if is_main_process():
+    records = [r for r in read_metrics(workdir) if r.get('kind') == 'epoch']
+    record = records[-1] if records else None
+  return multihost.broadcast_json(record)
 
 
 def train_and_evaluate(config, workdir) -> dict:
   """Train config.fold for config.num_epochs, evaluating after every epoch; resumes from `workdir`."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  workdir = Path(workdir).absolute()
+  workdir = as_path(workdir)
   check_writable(workdir / checkpoint.TRAIN_CHECKPOINTS_DIR)
+  if not multihost.check_shared_workdir(workdir):
+    raise UserError(f'--workdir {workdir}: the {jax.process_count()} processes do not see the same files there; '
+                    'give every process one shared place (a gs:// bucket or a shared disk)')
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
@@ -429,10 +449,9 @@ def train_and_evaluate(config, workdir) -> dict:
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
   manager = _checkpoint_manager(workdir, config)
-  train_iter = input_pipeline.create_train_iterator(config, jax.process_index(), jax.process_count())
   latest, restored = None, None
-  if checkpoint.train_steps(workdir):
-    latest, restored = _resume(manager, workdir, _abstract_state(config, steps_per_epoch), mesh, train_iter)
+  if multihost.broadcast_json(bool(checkpoint.train_steps(workdir)) if is_main_process() else None):
+    latest, restored = _resume(manager, workdir, _abstract_state(config, steps_per_epoch), mesh)
   if latest is None:
     params = initial_params(config, init_rng)
     state = train.create_train_state(config, params, steps_per_epoch)
@@ -444,21 +463,24 @@ def train_and_evaluate(config, workdir) -> dict:
   train_step, eval_step = compiled_steps(state, mesh)
   memory_keeper = host_memory.step_keeper()  # XLA:CPU: reuse freed host memory where there is room (launch.py)
   writers = _Writers(workdir, class_names)
-  stop = _StopRequest()
+  preemption = multihost.PreemptionWatch()
   say(f'{config.dataset} fold {config.fold}: {steps_per_epoch} steps/epoch x {config.num_epochs} epochs, '
       f'global batch {config.batch_size} on {mesh.size} device(s) in {jax.process_count()} process(es); '
       f'{train.count_parameters(train.partition(state.params)[0]) / 1e6:.2f}M trainable parameters')
 
   schedule = train.learning_rate_schedule(config, steps_per_epoch)
   step = int(state.step)
+  train_iter = input_pipeline.create_train_iterator(config, jax.process_index(), jax.process_count(), step=step)
   done = _evaluated_epochs(workdir)
+  last = None  # the last epoch's figures, once evaluated in this run
   bar = None
   try:
     while True:
       epoch = step // steps_per_epoch
       # An epoch whose steps are done but whose evaluation was interrupted is evaluated first.
       if step == (epoch * steps_per_epoch) and epoch > 0 and (epoch - 1) not in done:
-        _finish_epoch(epoch - 1, step, state, eval_step, config, mesh, class_names, writers, loss_sum, loss_count)
+        last = _finish_epoch(epoch - 1, step, state, eval_step, config, mesh, class_names, writers, loss_sum,
+                             loss_count)
         done.add(epoch - 1)
         loss_sum, loss_count = 0.0, 0
       if step >= total_steps:
@@ -479,7 +501,8 @@ def train_and_evaluate(config, workdir) -> dict:
         clips += config.batch_size
         bar.update(1)
         at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-        if len(pending) >= config.log_every_steps or step == end or stop.requested or at_checkpoint:
+        stop_now = preemption.stop_now(step)  # the same answer on every process at this step
+        if len(pending) >= config.log_every_steps or step == end or stop_now or at_checkpoint:
           # Fetch the losses (the running epoch loss is part of every checkpoint); every save comes after a fetch,
           # so a non-finite step stops the run before its state can be saved.
           fetched = [(at, float(loss), float(norm)) for at, loss, norm in pending]
@@ -491,26 +514,26 @@ def train_and_evaluate(config, workdir) -> dict:
           bar.set_postfix(loss=f'{losses[-1]:.4f}', clips_per_s=f'{rate:.1f}')
           writers.scalars(step, {'train/loss': losses[-1], 'train/clips_per_s': rate,
                                  'train/learning_rate': float(schedule(step - 1))})
-        if stop.requested:
-          _save(manager, state, loss_sum, loss_count, train_iter)
+        if stop_now:
+          _save(manager, state, loss_sum, loss_count)
           manager.wait_until_finished()
           bar.close()
           say(f'SIGTERM: saved a checkpoint at step {step}; run the same command to resume.')
           raise SystemExit(0)
         if at_checkpoint and step < end:
-          _save(manager, state, loss_sum, loss_count, train_iter)
+          _save(manager, state, loss_sum, loss_count)
       bar.close()
-      _save(manager, state, loss_sum, loss_count, train_iter)
+      _save(manager, state, loss_sum, loss_count)
   finally:
     if bar is not None:
       bar.close()  # before an error's message, so that message is the last line
-    stop.restore()
+    preemption.close()
     manager.wait_until_finished()
     writers.close()
 
-  records = [r for r in read_metrics(workdir) if r.get('kind') == 'epoch']
-  last = records[-1] if records else None
-  if last is None:  # another process wrote the logs; evaluate to know the figures
+  if last is None:  # every epoch was evaluated before this run: the figures process 0 logged
+    last = _last_epoch_record(workdir)
+  if last is None:  # the log is gone: evaluate again (every process agrees, the value above was broadcast)
     last = evaluate_split(eval_step, state, config, mesh, class_names)
     last['train_loss'] = None
   summary = {
@@ -520,7 +543,7 @@ def train_and_evaluate(config, workdir) -> dict:
       'confusion_matrix': last['confusion_matrix'], 'num_test_clips': last['num_clips'],
   }
   if is_main_process():
-    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    checkpoint.write_text_atomically(workdir / SUMMARY_FILE, json.dumps(summary, indent=2))
   say(f'Done: WAR {summary["war"]:.2f}  UAR {summary["uar"]:.2f} after {summary["steps"]} steps '
       f'-> {workdir / SUMMARY_FILE}')
   return summary
@@ -556,6 +579,7 @@ def _finish_epoch(epoch, step, state, eval_step, config, mesh, class_names, writ
   record = {'kind': 'epoch', 'epoch': epoch, 'step': step, 'train_loss': loss_sum / max(1, loss_count), **result}
   writers.epoch(record)
   say(f'epoch {epoch + 1}: train loss {record["train_loss"]:.4f}  WAR {result["war"]:.2f}  UAR {result["uar"]:.2f}')
+  return record
 
 
 def _abstract_state(config, steps_per_epoch):
@@ -575,7 +599,7 @@ def _abstract_state(config, steps_per_epoch):
 
 def evaluate_checkpoint(config, workdir) -> dict:
   """--mode eval: the checkpoint in init.checkpoint (or the latest in workdir) on the fold's test split."""
-  workdir = Path(workdir).absolute()
+  workdir = as_path(workdir)
   source = config.init.checkpoint or str(workdir)
   try:
     params = checkpoint.load_params(source)
@@ -592,8 +616,7 @@ def evaluate_checkpoint(config, workdir) -> dict:
   result.update(dataset=config.dataset, fold=config.fold, checkpoint=source)
   if is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
-    out = workdir / f'eval_fold{config.fold}.json'
-    out.write_text(json.dumps(result, indent=2))
+    checkpoint.write_text_atomically(workdir / f'eval_fold{config.fold}.json', json.dumps(result, indent=2))
     metrics_lib.plot_confusion_matrix(result['confusion_matrix'], class_names,
                                       workdir / f'eval_fold{config.fold}_confusion.png')
   say(f'{config.dataset} fold {config.fold}: WAR {result["war"]:.2f}  UAR {result["uar"]:.2f} '
@@ -601,25 +624,31 @@ def evaluate_checkpoint(config, workdir) -> dict:
   return result
 
 
-def cross_validate(config, workdir, folds=(1, 2, 3, 4, 5)) -> dict:
-  """Train and evaluate every fold in workdir/fold<k>/ (a finished fold is skipped), then the paper's table."""
-  workdir = Path(workdir).absolute()
+def cross_validate(config, workdir, folds=None) -> dict:
+  """Train and evaluate every fold in workdir/fold<k>/ (a finished fold is skipped), then the paper's table.
+  `folds`: all of the dataset's protocol by default."""
+  folds = folds or list(range(1, input_pipeline.num_folds(config.dataset) + 1))
+  workdir = as_path(workdir)
   summaries = {}
   for fold in folds:
     fold_config = ml_collections.ConfigDict(config.to_dict())
     fold_config.fold = fold
     fold_dir = workdir / f'fold{fold}'
     summary_file = fold_dir / SUMMARY_FILE
-    if summary_file.exists():
+    finished = None  # process 0 reads the fold's summary; every process takes the same path
+    if is_main_process() and summary_file.exists():
+      finished = json.loads(summary_file.read_text())
+    finished = multihost.broadcast_json(finished)
+    if finished is not None:
       say(f'fold {fold}: already done ({summary_file})')
-      summaries[fold] = json.loads(summary_file.read_text())
+      summaries[fold] = finished
       continue
     say(f'=== fold {fold} ===')
     summaries[fold] = train_and_evaluate(fold_config, fold_dir)
   markdown, table = metrics_lib.cross_validation_table(summaries)
   if is_main_process():
-    (workdir / 'cross_validation.md').write_text(f'# {config.dataset}: {len(folds)}-fold cross-validation\n\n'
-                                                 + markdown)
-    (workdir / 'cross_validation.json').write_text(json.dumps(table, indent=2))
+    checkpoint.write_text_atomically(workdir / 'cross_validation.md',
+                                     f'# {config.dataset}: {len(folds)}-fold cross-validation\n\n' + markdown)
+    checkpoint.write_text_atomically(workdir / 'cross_validation.json', json.dumps(table, indent=2))
   say(markdown)
   return table

@@ -226,6 +226,23 @@ def _check_opcodes(data: bytes):
       raise ValueError(f'memo index {arg} in a pickle of {len(data)} bytes')
 
 
+def _load_remote(url: str):
+  """A gs:// (or other etils.epath) .pth: copied to a temporary local file first (the zip reader seeks), read, and
+  the copy removed; errors name the URL."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  remote = epath.Path(url)
+  if not remote.is_file():
+    raise FileNotFoundError(f'{url}: no such file')
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, remote.name)
+    remote.copy(local)
+    try:
+      return load_pth(local)
+    except PthFormatError as e:
+      raise PthFormatError(str(e).replace(local, url)) from None
+
+
 def load_pth(path):
   """The object tree of a `.pth` file, with tensors as numpy arrays and other objects as inert placeholders.
 
@@ -233,6 +250,8 @@ def load_pth(path):
   for an empty, truncated, corrupt, legacy or foreign file, or a tensor that does not fit its storage.
   """
   path = os.fspath(path)
+  if '://' in path:
+    return _load_remote(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such file')
   try:

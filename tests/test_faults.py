@@ -67,11 +67,13 @@ def empty_metadata(step_dir: Path):
   (step_dir / 'state' / '_METADATA').write_text('')
 
 
-def empty_iterator_state(step_dir: Path):
-  (step_dir / 'data' / 'process_0-of-1.json').write_text('')
+def lost_array_files(step_dir: Path):
+  for path in (step_dir / 'state').rglob('*'):
+    if path.is_file() and path.parent.name == 'd':
+      path.unlink()
 
 
-DAMAGE = [truncate_largest_array_file, empty_metadata, empty_iterator_state]
+DAMAGE = [truncate_largest_array_file, empty_metadata, lost_array_files]
 
 
 def damaged_dirs(workdir: Path) -> list:
@@ -129,8 +131,8 @@ def test_no_step_restores_raises_not_found(finished, tmp_path):
 
 def test_no_step_restores_stops_training_and_moves_nothing(finished, tmp_path):
   workdir = copy_run(finished, tmp_path)
-  for step in ('6', '8'):  # e.g. a resume on another process count: every step's iterator state is missing
-    (workdir / 'checkpoints' / step / 'data' / 'process_0-of-1.json').unlink()
+  for step in ('6', '8'):  # every step damaged alike (a systematic cause is likelier than two power losses)
+    empty_metadata(workdir / 'checkpoints' / step)
   with pytest.raises(experiment.UserError, match=r'none of the checkpoints \[6, 8\] restores .* nothing was moved'):
     experiment.train_and_evaluate(tiny_config(), workdir)
   assert not damaged_dirs(workdir) and checkpoint.train_steps(workdir) == [6, 8]
