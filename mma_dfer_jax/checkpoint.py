@@ -10,11 +10,13 @@ Damaged checkpoints heal: a training step that does not restore (a truncated arr
 garbled iterator state, missing files) while an older one does is moved aside to
 `DIR/checkpoints.damaged/<step>-<time>/` (outside Orbax's step folders, never deleted) with one warning, and the
 older step is used. When no step restores nothing is moved (NoIntactCheckpointError). Only process 0 moves folders.
+
+Every directory may be local or a URL such as `gs://bucket/run` (etils.epath, as Orbax itself): `as_path` makes
+either an epath.Path, local ones absolute (Orbax needs absolute local paths).
 """
 import datetime
 import json
 import os
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -32,22 +34,36 @@ class CheckpointNotFoundError(FileNotFoundError):
   pass
 
 
+def is_url(path) -> bool:
+  return '://' in str(path)
+
+
+def as_path(path) -> epath.Path:
+  """An epath.Path for a local path (made absolute: Orbax needs that) or a URL such as gs://bucket/run (kept)."""
+  return epath.Path(path) if is_url(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
 def write_text_atomically(path, text: str) -> None:
-  """Write to a temporary file beside `path`, then rename it over `path`: readers see the old or the new file."""
-  path = epath.Path(path)
+  """Write to a temporary file beside `path`, then rename it over `path`: readers see the old or the new file.
+  Object stores (gs://) show an object only once it is complete, so there it is written in place."""
+  path = as_path(path)
+  if is_url(path):
+    path.write_text(text)
+    return
   temporary = path.parent / f'.{path.name}.tmp-{os.getpid()}'
   temporary.write_text(text)
   temporary.replace(path)
 
 
 def save_config(directory, config) -> None:
-  epath.Path(directory).mkdir(parents=True, exist_ok=True)
-  write_text_atomically(epath.Path(directory) / CONFIG_FILE, config.to_json_best_effort(indent=2))
+  directory = as_path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  write_text_atomically(directory / CONFIG_FILE, config.to_json_best_effort(indent=2))
 
 
-def save_params(directory, params, config) -> Path:
+def save_params(directory, params, config) -> epath.Path:
   """Write `params` as an Orbax checkpoint under DIR/params and the config as DIR/config.json."""
-  directory = Path(directory).absolute()
+  directory = as_path(directory)
   target = directory / PARAMS_DIR
   if target.exists():
     raise FileExistsError(f'{target} already exists: choose another --out or remove it')
@@ -60,7 +76,7 @@ def save_params(directory, params, config) -> Path:
 
 def train_steps(workdir) -> list:
   """The finalized training steps in `workdir/checkpoints`, oldest first (Orbax's own listing)."""
-  root = epath.Path(workdir) / TRAIN_CHECKPOINTS_DIR
+  root = as_path(workdir) / TRAIN_CHECKPOINTS_DIR
   if not root.is_dir():
     return []
   return sorted(ocp.utils.checkpoint_steps(root))
@@ -73,7 +89,7 @@ def latest_train_step(workdir):
 
 def move_aside(step_dir, error: BaseException) -> None:
   """Rename a damaged step folder to `<checkpoints>.damaged/<step>-<time>` (process 0 only) with one warning."""
-  step_dir = epath.Path(step_dir)
+  step_dir = as_path(step_dir)
   reason = ' '.join(f'{type(error).__name__}: {error}'.split())[:300]
   if jax.process_index() != 0:
     return
@@ -81,6 +97,9 @@ def move_aside(step_dir, error: BaseException) -> None:
   target = aside / f'{step_dir.name}-{datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")}'
   try:
     aside.mkdir(parents=True, exist_ok=True)
+    if is_url(aside):  # object stores have no empty folders, and epath renames only into an existing one
+      (aside / 'README.txt').write_text('Checkpoint steps that did not restore, moved here from '
+                                        f'{step_dir.parent.name}/ (see the run\'s log).\n')
     step_dir.rename(target)
   except OSError as e:  # a read-only copy: skip the step without moving it
     logging.warning('Checkpoint %s does not restore (%s); skipping it (could not move it aside: %s)',
@@ -101,7 +120,7 @@ def restore_newest_intact(workdir, restore_step):
   `(None, None)` when there is no step. When no step restores, nothing is moved and NoIntactCheckpointError names
   the newest step's error.
   """
-  root = epath.Path(workdir) / TRAIN_CHECKPOINTS_DIR
+  root = as_path(workdir) / TRAIN_CHECKPOINTS_DIR
   steps = train_steps(workdir)
   failed = []
   for step in reversed(steps):
@@ -123,12 +142,20 @@ def restore_newest_intact(workdir, restore_step):
 
 
 def _restore_tree(path):
-  return ocp.StandardCheckpointer().restore(path)
+  """The tree at `path` on this process's first device, whatever mesh and process count wrote it (a restore without
+  a target would ask for the writer's topology: 'Topology mismatch' on a laptop after training on 4 devices)."""
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path)
+  tree = getattr(metadata, 'item_metadata', None) or metadata
+  tree = getattr(tree, 'tree', tree)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return checkpointer.restore(path, target)
 
 
 def load_params(path) -> dict:
   """Parameters from a parameter checkpoint or from the newest intact checkpoint of a training work directory."""
-  path = Path(path).absolute()
+  path = as_path(path)
   if (path / PARAMS_DIR).is_dir():
     return _restore_tree(path / PARAMS_DIR)
   steps = train_steps(path)
@@ -145,7 +172,7 @@ def load_params(path) -> dict:
 
 def load_config(path):
   """The experiment config stored with a checkpoint, or None when there is none."""
-  file = Path(path) / CONFIG_FILE
+  file = as_path(path) / CONFIG_FILE
   if not file.is_file():
     return None
   return ml_collections.ConfigDict(json.loads(file.read_text()))

@@ -11,9 +11,10 @@ the crop from the first sampled frame's size and cuts every frame at that box (z
 like PIL's `crop`), and test time resizes each frame on its own.
 """
 import functools
-from pathlib import Path
+import os
 
 from absl import flags
+from etils import epath
 import grain
 import numpy as np
 
@@ -53,12 +54,19 @@ def _split_name(config, train: bool) -> str:
   return f'fold{config.fold}_{"train" if train else "test"}'
 
 
-def _built_dataset_dir(data_dir: Path, name: str, split: str = ''):
+def _data_dir(data_dir) -> epath.Path:
+  """config.data_dir as an epath.Path: a local folder (made absolute) or a URL such as gs://bucket/tfds."""
+  return epath.Path(data_dir) if '://' in str(data_dir) else epath.Path(os.path.abspath(os.fspath(data_dir)))
+
+
+def _built_dataset_dir(data_dir: epath.Path, name: str, split: str = ''):
   """The newest TFDS version directory of `name` under data_dir (one holding dataset_info.json), preferring one
   that has `split` (the builders write one config per fold: <name>/fold<k>/<version>/). Folders of an
-  unfinished build (TFDS's `incomplete.*`) are skipped."""
+  unfinished build (TFDS's `incomplete.*`) are skipped. TFDS's layouts are <name>/<version>/ and
+  <name>/<config>/<version>/; no recursive `**` glob, which epath refuses on gs://."""
   root = data_dir / name
-  candidates = root.glob('**/dataset_info.json') if root.is_dir() else []
+  patterns = ('*/dataset_info.json', '*/*/dataset_info.json')
+  candidates = [c for pattern in patterns for c in root.glob(pattern)] if root.is_dir() else []
   candidates = sorted((c.parent for c in candidates
                        if not any(part.startswith('incomplete.') for part in c.relative_to(root).parts)),
                       key=_version_key)
@@ -66,7 +74,7 @@ def _built_dataset_dir(data_dir: Path, name: str, split: str = ''):
   return (with_split or candidates or [None])[-1]
 
 
-def _version_key(version_dir: Path):
+def _version_key(version_dir: epath.Path):
   """Sorts TFDS version folders numerically (1.10.0 after 1.9.0), then by path."""
   parts = version_dir.name.split('.')
   numeric = tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else ()
@@ -89,7 +97,7 @@ def get_source(config, split: str):
                                      options.get('synthetic_frame_size', synthetic.FRAME_SIZE),
                                      options.get('synthetic_colour_jitter', 0.0),
                                      options.get('synthetic_silent_fraction', 0.0))
-  data_dir = Path(config.data_dir)
+  data_dir = _data_dir(config.data_dir)
   build_command = (f'python -m data.{config.dataset}.build --manual_dir /path/to/{config.dataset.upper()} '
                    f'--data_dir {config.data_dir} --folds {config.fold}')
   built = _built_dataset_dir(data_dir, config.dataset, name)

@@ -2,10 +2,13 @@
 
 WAR (weighted average recall) is plain accuracy over all test clips; UAR (unweighted average recall) is the mean of
 the per-class recalls. Both in percent.
-"""
-import json
-from pathlib import Path
 
+Logs and plots go to local paths or URLs such as gs://bucket/run/metrics.jsonl (etils.epath).
+"""
+import io
+import json
+
+from etils import epath
 import numpy as np
 
 
@@ -36,12 +39,21 @@ def summarize(matrix, class_names) -> dict:
 
 
 def append_jsonl(path, record: dict) -> None:
-  with open(path, 'a') as f:
-    f.write(json.dumps(record) + '\n')
+  """Adds one JSON line. Object stores (gs://) cannot append: there the (small) file is read and written anew."""
+  line = json.dumps(record) + '\n'
+  path = epath.Path(path)
+  if '://' not in str(path):
+    with open(path, 'a') as f:
+      f.write(line)
+    return
+  previous = path.read_text() if path.exists() else ''
+  if previous and not previous.endswith('\n'):
+    previous += '\n'
+  path.write_text(previous + line)
 
 
 def read_jsonl(path) -> list:
-  path = Path(path)
+  path = epath.Path(path)
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -64,7 +76,7 @@ def plot_learning_curves(records: list, path) -> None:
   ax_acc.set(xlabel='epoch', ylabel='%', title='Test recall', ylim=(0, 100))
   ax_acc.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save_figure(fig, path)
   plt.close(fig)
 
 
@@ -86,8 +98,16 @@ def plot_confusion_matrix(matrix, class_names, path, title='') -> None:
       ax.text(j, i, f'{normalised[i, j]:.2f}', ha='center', va='center',
               color='white' if normalised[i, j] > 0.5 else 'black', fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save_figure(fig, path)
   plt.close(fig)
+
+
+def _save_figure(fig, path) -> None:
+  """Renders in memory, then writes the bytes: matplotlib cannot write to gs:// itself."""
+  path = epath.Path(path)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=100, format=path.suffix[1:].lower() or 'png')
+  path.write_bytes(buffer.getvalue())
 
 
 def cross_validation_table(fold_summaries: dict) -> tuple:

