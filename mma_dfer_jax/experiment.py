@@ -68,10 +68,7 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def as_path(path) -> epath.Path:
-  """A place to write as Orbax takes it: a gs:// (or other) URL as it is, a local path made absolute."""
-  text = str(path)
-  return epath.Path(text) if '://' in text else epath.Path(os.path.abspath(text))
+as_path = checkpoint.as_path  # a gs:// URL as it is, a local path made absolute (as Orbax takes them)
 
 
 def say(message: str) -> None:

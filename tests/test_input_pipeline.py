@@ -189,7 +189,7 @@ def test_unknown_dataset_and_split_are_clear_errors():
   with pytest.raises(ValueError, match='validation'):
     input_pipeline.get_source(config, 'validation')
   config.dataset = 'affwild'
-  with pytest.raises(ValueError, match="'affwild'.*dfew, mafw, synthetic"):
+  with pytest.raises(ValueError, match="'affwild'.*dfew, mafw, cremad, ravdess, ferv39k, synthetic"):
     input_pipeline.get_source(config, 'train')
 
 
