@@ -110,9 +110,17 @@ def test_sigterm_saves_and_exits_cleanly(baseline, tmp_path):
   process.send_signal(signal.SIGTERM)
   out, err = process.communicate(timeout=300)
   assert process.returncode == 0, err[-2000:]
-  code, _, err = launch(tmp_path)
+  # It saved: its message names a step past the checkpoint seen (or that one), the step is on disk, no summary yet.
+  saved_at = int(out.split('SIGTERM: saved a checkpoint at step ')[1].split(';')[0])
+  assert saved_at >= 2 and (tmp_path / 'checkpoints' / str(saved_at) / 'state').is_dir()
+  assert not (tmp_path / 'summary.json').exists()
+  code, out, err = launch(tmp_path)
   assert code == 0, err[-2000:]
-  assert abs(summary(tmp_path)['trainable_l2'] - expected['trainable_l2']) <= 1e-6
+  assert f'Resumed from {tmp_path} at step {saved_at}' in out
+  result = summary(tmp_path)
+  assert abs(result['trainable_l2'] - expected['trainable_l2']) <= 1e-6
+  assert (result['war'], result['uar'], result['confusion_matrix']) == (
+      expected['war'], expected['uar'], expected['confusion_matrix'])
 
 
 @pytest.mark.slow
@@ -120,7 +128,10 @@ def test_four_devices_equal_one(baseline, tmp_path):
   _, expected = baseline
   code, _, err = launch(tmp_path, devices=4)
   assert code == 0, err[-2000:]
-  assert abs(summary(tmp_path)['trainable_l2'] - expected['trainable_l2']) <= 1e-4
+  result = summary(tmp_path)
+  assert abs(result['trainable_l2'] - expected['trainable_l2']) <= 1e-4
+  assert (result['war'], result['uar'], result['confusion_matrix']) == (
+      expected['war'], expected['uar'], expected['confusion_matrix'])
 
 
 def _free_port():
@@ -138,7 +149,10 @@ def test_two_processes_of_two_devices_equal_one_of_four(baseline, tmp_path):
   for process in processes:
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
-  assert abs(summary(tmp_path)['trainable_l2'] - expected['trainable_l2']) <= 1e-4
+  result = summary(tmp_path)
+  assert abs(result['trainable_l2'] - expected['trainable_l2']) <= 1e-4
+  assert (result['war'], result['uar'], result['confusion_matrix']) == (
+      expected['war'], expected['uar'], expected['confusion_matrix'])
 
 
 @pytest.mark.slow

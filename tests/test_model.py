@@ -55,7 +55,9 @@ def test_bfloat16_encoders_close_to_float32(released):
   config.dtype = 'bfloat16'
   logits, _ = forward(config, params, *fixture_inputs(io))
   assert logits.dtype == np.float32
-  assert np.abs(logits - io['logits']).max() < 5e-2
+  # Measured 3.5e-3 (2026-12-01, logits up to 1.7); BGR input gives 1.2e-2. Frame order cannot be told apart at bf16
+  # precision here (reversing the frames moves this model's float32 logits by 1.7e-3): the float32 parity test checks it.
+  assert np.abs(logits - io['logits']).max() < 7e-3
 
 
 @pytest.mark.slow

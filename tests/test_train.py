@@ -178,10 +178,12 @@ def test_frozen_weight_gradients_are_not_computed():
   """Backprop through frozen blocks costs one activation-gradient pass (about 1x the forward FLOPs); computing their
   weight gradients would add about another 1x. The compiled step must stay well under 3x the forward."""
   config, params, batch = tiny_setup(batch_size=2)
+  # XLA's own ops: XLA counts no FLOPs inside the CPU kernels' custom calls, which would blind this test.
+  config.model.attention_impl, config.model.matmul_impl = 'einsum', 'xla'
   state = train.create_train_state(config, params)
   step_flops = train.train_step.lower(state, batch, jax.random.key(0)).compile().cost_analysis()['flops']
   forward_flops = train.eval_step.lower(state, batch).compile().cost_analysis()['flops']
-  assert step_flops < 2.5 * forward_flops
+  assert 1.5 * forward_flops < step_flops < 2.5 * forward_flops  # the backward pass is counted, not its weights
 
 
 def test_epoch_cosine_schedule_is_constant_within_an_epoch():
