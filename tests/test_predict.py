@@ -181,3 +181,28 @@ def test_audio_features_match_the_extracted_wav(tmp_path):
   assert video.extract_wav(face_clip(), wav)
   np.testing.assert_allclose(audio.fbank_from_waveform(clip.audio, clip.sample_rate), audio.load_fbank(wav),
                              atol=1e-5)
+
+
+def test_predict_feeds_the_model_what_the_eval_pipeline_feeds_for_the_same_frames(tmp_path):
+  """The same 16 frames and the same recording, once through predict's front end (crop of the whole frame, PIL
+  bilinear resize, fbank of the samples) and once as a dataset record through the eval pipeline: equal inputs."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  import soundfile  # pylint: disable=import-outside-toplevel
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import audio as audio_lib  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  config = demo.get_config()
+  size = 48
+  rng = np.random.default_rng(0)
+  frames = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(16)]
+  wav = tmp_path / 'clip.wav'
+  seconds = np.arange(22050 * 2) / 22050
+  soundfile.write(wav, 0.3 * np.sin(2 * np.pi * 220 * seconds) * (1 + seconds), 22050, subtype='PCM_16')
+  samples, rate = audio_lib.read_audio(wav)
+  crops, fbank, _, _ = predict.clip_inputs(frames, samples, rate, config.model,
+                                           face_boxes=[(0, 0, size, size)] * 16)  # the whole frame is the face
+  record = {'frames': [cv2.imencode('.png', f[..., ::-1])[1].tobytes() for f in frames],  # lossless, RGB kept
+            'fbank': audio_lib.load_fbank(wav), 'label': 0, 'id': 'clip', 'num_frames': 16}
+  example = input_pipeline.test_example(record, config)
+  np.testing.assert_array_equal(example['video'], crops)
+  np.testing.assert_array_equal(example['audio'], fbank)
