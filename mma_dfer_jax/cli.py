@@ -91,8 +91,12 @@ def report(message: str) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
 
 
-def guard(function: Callable) -> Callable:
-  """`function` with user errors reported as one line and exit code 2; other errors pass through."""
+def guard(function: Callable, hard_exit: bool = False) -> Callable:
+  """`function` with user errors reported as one line and exit code 2; other errors pass through.
+
+  hard_exit (for a command's process, never in a test process): leave at once after the line, so that threads of a
+  failed checkpoint write (TensorStore's event loops) cannot print their shutdown noise after it.
+  """
 
   @functools.wraps(function)
   def guarded(*args, **kwargs):
@@ -103,6 +107,10 @@ def guard(function: Callable) -> Callable:
       if message is None:
         raise
       report(message)
+      if hard_exit:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_USER_ERROR)  # pylint: disable=protected-access
       sys.exit(EXIT_USER_ERROR)
   return guarded
 

@@ -92,7 +92,7 @@ def run(argv=None):
   """The console script's entry point."""
   argv = list(sys.argv if argv is None else argv)
   define_flags(argv)
-  app.run(cli.guard(main), argv=argv, flags_parser=cli.guard(lambda args: cli.parse_flags(FLAGS, args)))
+  app.run(cli.guard(main, hard_exit=True), argv=argv, flags_parser=cli.guard(lambda args: cli.parse_flags(FLAGS, args)))
 
 
 if __name__ == '__main__':
