@@ -68,6 +68,7 @@ def test_peak_table():
   assert bench.peak_flops_per_device(Device('gpu', 'Some future GPU'), 'bfloat16') is None
 
 
+@pytest.mark.slow
 def test_einsum_attention_matches_the_default():
   """attention_impl='einsum' (the faster one on XLA:CPU, BENCHMARKS.md) computes the same attention."""
   import jax

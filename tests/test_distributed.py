@@ -322,6 +322,7 @@ def test_float32_state_is_all_float32_even_from_a_bfloat16_checkpoint():
   assert set(leaf_dtypes(state.params).values()) == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_bfloat16_weights_stored_ahead_give_the_same_logits():
   """The model cast these weights to bfloat16 at every use; stored in bfloat16 the numbers are the same."""
   config = tiny_config('bfloat16')

@@ -106,6 +106,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(finished, tmp_p
   assert checkpoint.train_steps(workdir) == [6, 8]
 
 
+@pytest.mark.slow
 def test_load_params_skips_a_damaged_step(finished, tmp_path, caplog):
   """What predict, --mode eval and init.checkpoint read: the newest step that restores."""
   workdir = copy_run(finished, tmp_path)
@@ -120,6 +121,7 @@ def test_load_params_skips_a_damaged_step(finished, tmp_path, caplog):
   assert not all(np.array_equal(a, b) for a, b in zip(leaves(params), leaves(step6)))
 
 
+@pytest.mark.slow
 def test_no_step_restores_raises_not_found(finished, tmp_path):
   workdir = copy_run(finished, tmp_path)
   for step in ('6', '8'):
@@ -129,6 +131,7 @@ def test_no_step_restores_raises_not_found(finished, tmp_path):
   assert not damaged_dirs(workdir) and checkpoint.train_steps(workdir) == [6, 8]  # a systematic cause: kept
 
 
+@pytest.mark.slow
 def test_no_step_restores_stops_training_and_moves_nothing(finished, tmp_path):
   workdir = copy_run(finished, tmp_path)
   for step in ('6', '8'):  # every step damaged alike (a systematic cause is likelier than two power losses)
@@ -173,6 +176,7 @@ def test_changed_settings_names_what_a_rerun_may_not_change():
   assert experiment.changed_settings(saved, rerun) == ['batch_size', 'model.width']
 
 
+@pytest.mark.slow
 def test_changed_model_width_is_refused_before_anything_is_written(finished, tmp_path):
   workdir = copy_run(finished, tmp_path)
   before = (workdir / 'config.json').read_bytes()

@@ -142,6 +142,7 @@ def test_frozen_labels_freeze_the_encoder_and_train_prompts_and_head(kind):
 # ---------------------------------------------------------------------------------------------------------------
 # Forward pass.
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', UNIMODAL)
 def test_forward_ignores_the_absent_input(kind):
   """(None in place of the absent input: the train-step test below feeds batches without it.)"""
@@ -162,6 +163,7 @@ def test_forward_ignores_the_absent_input(kind):
     assert not np.allclose(forward(params, video, other_audio), logits)
 
 
+@pytest.mark.slow
 def test_audio_only_temporal_steps_repeat_the_clips_audio_token():
   c = tiny_config('audio').model
   model = MMADFER(c)
@@ -188,6 +190,7 @@ def fixed_batch(config, kind, size=8):
   return {k: jnp.asarray(v) for k, v in batch.items() if k != drop}  # the absent input is not fed at all
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', UNIMODAL)
 def test_train_steps_update_only_trainable_params_and_fit_a_fixed_batch(kind):
   config = tiny_config(kind)
@@ -242,6 +245,7 @@ def ssl_config(kind):
   return small_model_config(modalities=kind, depth=6, img_size=32)
 
 
+@pytest.mark.slow
 def test_ssl_init_of_a_video_only_model_reads_only_the_face_file(reference_small):
   from mma_dfer_jax import pth_reader
   face_file = reference_small / 'mae_face_pretrain_vit_base.pth'
