@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import types
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -513,13 +514,14 @@ def main(builder_cls, dataset: str, argv=None) -> int:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
   if not Path(args.manual_dir).is_dir():
-    print(f'error: --manual_dir {args.manual_dir} is not a folder; see data/{dataset}/README.md for its layout')
+    print(f'error: --manual_dir {args.manual_dir} is not a folder; see data/{dataset}/README.md for its layout',
+          file=sys.stderr)
     return 2
   try:
     folds = parse_folds(args.folds, num_folds)
     built = build(builder_cls, args.manual_dir, args.data_dir, folds, args.annotations, args.workers)
   except (AnnotationError, ValueError, AssertionError) as e:  # TFDS asserts on an empty manual_dir
-    print(f'error: {e}')
+    print(f'error: {e}', file=sys.stderr)
     return 2
   for fold, path in built.items():
     print(f'fold {fold}: {path}')

@@ -109,4 +109,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from mma_dfer_jax import cli  # pylint: disable=g-import-not-at-top  (one line and exit 2 for a user error)
+  sys.exit(cli.guard(main)())
