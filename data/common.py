@@ -139,6 +139,25 @@ def find_clip_folders(roots: Sequence[Path], name_pattern: str = r'\d{5}', max_d
   return index
 
 
+def read_named_labels(path: Path, index: Dict[str, int], line_form: str, dataset: str,
+                      class_names: Sequence[str]) -> List[Tuple[str, int]]:
+  """[(first field, label)] of a split list holding `<clip> <class name>` a line (class names in any case, looked
+  up in `index`); a line of another form or an unknown class is an AnnotationError naming the file and line."""
+  entries = []
+  for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
+    if not line.strip():
+      continue
+    fields = line.split()
+    where = f'{path}:{number}'
+    if len(fields) != 2:
+      raise AnnotationError(f'{where}: expected "{line_form}", got {line.strip()!r}')
+    name = fields[1].lower()
+    if name not in index:
+      raise AnnotationError(f'{where}: unknown class {fields[1]!r} ({dataset} classes: {", ".join(class_names)})')
+    entries.append((fields[0], index[name]))
+  return entries
+
+
 def check_label(label: int, num_classes: int, where: str) -> int:
   if not 0 <= label < num_classes:
     raise AnnotationError(f'{where}: label {label} is outside the {num_classes} classes')

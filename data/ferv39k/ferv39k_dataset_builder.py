@@ -45,20 +45,9 @@ def list_file(manual_dir: Path, split: str) -> Path:
 
 def read_list(path: Path) -> List[Tuple[str, int]]:
   """[(clip folder relative to the frame root, label)] of an official list; errors name the file and line."""
-  entries = []
-  for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
-    if not line.strip():
-      continue
-    fields = line.split()
-    where = f'{path}:{number}'
-    if len(fields) != 2:
-      raise common.AnnotationError(f'{where}: expected "<scene>/<class>/<clip> <class name>", got {line.strip()!r}')
-    name = fields[1].lower()
-    if name not in CLASS_INDEX:
-      raise common.AnnotationError(f'{where}: unknown class {fields[1]!r} (FERV39k classes: '
-                                   f'{", ".join(n.capitalize() for n in CLASS_INDEX)})')
-    entries.append((fields[0].strip('/\\'), CLASS_INDEX[name]))
-  return entries
+  entries = common.read_named_labels(path, CLASS_INDEX, '<scene>/<class>/<clip> <class name>', 'FERV39k',
+                                     [n.capitalize() for n in CLASS_INDEX])
+  return [(clip.strip('/\\'), label) for clip, label in entries]
 
 
 def frame_root(manual_dir: Path, first_listed: Optional[str]) -> Path:

@@ -62,20 +62,8 @@ def read_split_file(path: Path) -> List[Tuple[str, int]]:
   line."""
   index = {name: k for k, name in enumerate(labels.MAFW_CLASSES)}
   index.update({alias: index[name] for alias, name in CLASS_ALIASES.items()})
-  entries = []
-  for number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
-    if not line.strip():
-      continue
-    fields = line.split()
-    where = f'{path}:{number}'
-    if len(fields) != 2:
-      raise common.AnnotationError(f'{where}: expected "<id>.mp4 <class name>", got {line.strip()!r}')
-    name = fields[1].lower()
-    if name not in index:
-      raise common.AnnotationError(f'{where}: unknown class {fields[1]!r} (MAFW classes: '
-                                   f'{", ".join(labels.MAFW_CLASSES)})')
-    entries.append((fields[0].split('.')[0], index[name]))
-  return entries
+  entries = common.read_named_labels(path, index, '<id>.mp4 <class name>', 'MAFW', labels.MAFW_CLASSES)
+  return [(clip.split('.')[0], label) for clip, label in entries]
 
 
 class Mafw(common.FoldBuilder, skip_registration=True):
