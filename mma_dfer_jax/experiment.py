@@ -365,7 +365,7 @@ def evaluate_split(eval_step, state, config, mesh, class_names, desc='eval') -> 
   iterator = input_pipeline.create_eval_iterator(config, jax.process_index(), jax.process_count())
   total = math.ceil(input_pipeline.num_eval_examples(config) / config.eval_batch_size)
   for local in tqdm(iterator, total=total, desc=desc, disable=not is_main_process(), leave=False):
-    batch = sharding.global_batch({k: local[k] for k in ('video', 'audio', 'label', 'mask')}, mesh)
+    batch = sharding.global_batch({k: local[k] for k in ('video', 'audio', 'label', 'mask') if k in local}, mesh)
     predictions, labels, mask = (np.asarray(x) for x in eval_step(state, batch))
     mask = mask.astype(bool)
     matrix += metrics_lib.confusion_matrix(labels[mask], predictions[mask], num_classes)

@@ -4,7 +4,9 @@ Order and randomness are functions of the seed alone: the clip order of epoch e 
 (seed, e), and each clip's frame choice and augmentation from (seed, e, clip index). Global batch g holds positions
 [g*B, (g+1)*B) of that order; process p of P reads only its contiguous slice of every global batch. So the global
 batches are the same for any number of processes, devices, threads or workers, and the iterator's state is just a
-position (checkpointable, resumes exactly). Only the sampled frames of a clip are decoded.
+position (checkpointable, resumes exactly). Only the sampled frames of a clip are decoded, and only the inputs
+the model reads (config.model.modalities): a video-only model's batches have no `audio`, an audio-only model's no
+`video`, and no frame of theirs is decoded.
 
 Frames of one clip may differ in size (MAFW face crops are cut per frame): as the reference does, training draws
 the crop from the first sampled frame's size and cuts every frame at that box (zero fill outside a smaller frame,
@@ -32,6 +34,8 @@ NUM_FOLDS = {'ravdess': 6, 'ferv39k': 1}
 OLDEST_BUILD = {'mafw': (2, 0, 0)}
 SPLITS = ('train', 'test')
 FRAMES_KEYS = ('frames', 'images')
+# model.modalities -> the inputs the model reads (the names of the batch keys); configs without the key: both.
+MODEL_INPUTS = {'audio_video': ('video', 'audio'), 'video': ('video',), 'audio': ('audio',)}
 
 
 class DatasetError(ValueError):
@@ -44,6 +48,14 @@ class DatasetError(ValueError):
 def num_folds(dataset: str) -> int:
   """Folds of the dataset's protocol, numbered 1..num_folds (FERV39k: 1, its official train/test split)."""
   return NUM_FOLDS.get(dataset, 5)
+
+
+def model_inputs(config) -> tuple:
+  """The inputs config.model.modalities reads, of 'video' and 'audio': the only ones the pipeline prepares."""
+  kind = config.model.get('modalities', 'audio_video')
+  if kind not in MODEL_INPUTS:
+    raise DatasetError(f'config.model.modalities={kind!r}: use one of {", ".join(MODEL_INPUTS)}')
+  return MODEL_INPUTS[kind]
 
 
 def _split_name(config, train: bool) -> str:
@@ -174,28 +186,46 @@ def resize_each(frames: list, img_size: int) -> np.ndarray:
   return np.concatenate([frames_lib.resize_frames(frame[None], img_size) for frame in frames])
 
 
-def train_example(record, rng: np.random.Generator, config) -> dict:
-  """The reference's training sample: a random frame per segment, one augmentation for the whole clip."""
+def _train_video(record, rng: np.random.Generator, config) -> np.ndarray:
+  """The reference's training frames: a random frame per segment, one augmentation for the whole clip."""
   c = config.model
   encoded = _record_frames(record)
   picked = frames_lib.frame_indices(sampling_count(record, len(encoded)), True, rng, c.num_frames)
   frames = decode_picked(encoded, picked)
-  if config.input.augment:
-    video = stack_for_crop(frames)
-    params = frames_lib.sample_augmentation(rng, video.shape[1], video.shape[2])
-    video = frames_lib.apply_augmentation(video, params, c.img_size)
-  else:
-    video = resize_each(frames, c.img_size)
-  return {'video': video, 'audio': _fbank(record, c.audio_frames), 'label': np.int32(record['label'])}
+  if not config.input.augment:
+    return resize_each(frames, c.img_size)
+  video = stack_for_crop(frames)
+  params = frames_lib.sample_augmentation(rng, video.shape[1], video.shape[2])
+  return frames_lib.apply_augmentation(video, params, c.img_size)
 
 
-def test_example(record, config) -> dict:
+def _test_video(record, config) -> np.ndarray:
   """Segment centres, resized to img x img."""
   c = config.model
   encoded = _record_frames(record)
   picked = frames_lib.frame_indices(sampling_count(record, len(encoded)), False, None, c.num_frames)
-  video = resize_each(decode_picked(encoded, picked), c.img_size)
-  return {'video': video, 'audio': _fbank(record, c.audio_frames), 'label': np.int32(record['label'])}
+  return resize_each(decode_picked(encoded, picked), c.img_size)
+
+
+def _example(record, config, video_fn) -> dict:
+  """label, and `video` (video_fn()) and `audio` where the model reads them: an absent modality costs nothing."""
+  inputs = model_inputs(config)
+  example = {'video': video_fn()} if 'video' in inputs else {}
+  if 'audio' in inputs:
+    example['audio'] = _fbank(record, config.model.audio_frames)
+  example['label'] = np.int32(record['label'])
+  return example
+
+
+def train_example(record, rng: np.random.Generator, config) -> dict:
+  """The reference's training sample: `video` (T, img, img, 3) uint8, `audio` (audio_frames, mels) float32 and
+  `label`; an input the model does not read (config.model.modalities) is left out."""
+  return _example(record, config, lambda: _train_video(record, rng, config))
+
+
+def test_example(record, config) -> dict:
+  """The test-time sample (segment centres, no augmentation), with the keys train_example has."""
+  return _example(record, config, lambda: _test_video(record, config))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,5 +339,6 @@ def measure_throughput(config, seconds=10.0) -> dict:
   while time.perf_counter() - started < seconds:
     clips += next(iterator)['label'].shape[0]
   elapsed = time.perf_counter() - started
-  return {'clips_per_s': clips / elapsed, 'frames_per_s': clips * config.model.num_frames / elapsed,
+  frames = clips * config.model.num_frames if 'video' in model_inputs(config) else 0
+  return {'clips_per_s': clips / elapsed, 'frames_per_s': frames / elapsed, 'inputs': list(model_inputs(config)),
           'read_threads': config.input.read_threads, 'worker_count': config.input.worker_count}

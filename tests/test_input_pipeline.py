@@ -238,3 +238,64 @@ def test_starting_at_an_epoch_gives_that_epochs_batches():
       np.testing.assert_array_equal(whole['video'], np.concatenate([part['video'] for part in parts]))
   with pytest.raises(ValueError, match='epoch=4'):
     input_pipeline.create_train_iterator(config, epoch=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unimodal models: only the inputs the model reads are prepared.
+
+class _ReadLog(dict):
+  """A record that notes which of its fields were read."""
+
+  def __init__(self, record, log):
+    super().__init__(record)
+    self.log = log
+
+  def __getitem__(self, key):
+    self.log.add(key)
+    return super().__getitem__(key)
+
+  def get(self, key, default=None):
+    self.log.add(key)
+    return super().get(key, default)
+
+
+def _logged_batches(monkeypatch, modalities):
+  """Every train and eval batch of the tiny config for `modalities`, the fields read from the records and the
+  number of frames decoded."""
+  from mma_dfer_jax import frames as frames_lib  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  config.model.modalities = modalities
+  read, decoded = set(), []
+  plain = {split: input_pipeline.get_source(config, split) for split in ('train', 'test')}
+  monkeypatch.setattr(input_pipeline, 'get_source', lambda c, split: [
+      _ReadLog(plain[split][i], read) for i in range(len(plain[split]))])
+  decode = frames_lib.decode_frame
+  monkeypatch.setattr(frames_lib, 'decode_frame', lambda data: decoded.append(1) or decode(data))
+  train = list(input_pipeline.create_train_iterator(config))
+  test = list(input_pipeline.create_eval_iterator(config))
+  return train, test, read, len(decoded)
+
+
+def test_unimodal_pipelines_prepare_only_the_models_input(monkeypatch):
+  both, both_test, read, decoded = _logged_batches(monkeypatch, 'audio_video')
+  assert {'frames', 'fbank', 'label'} <= read and decoded >= 16 * (len(both) * 4 + len(both_test) * 4) // 3
+  video, video_test, read, decoded = _logged_batches(monkeypatch, 'video')
+  assert 'fbank' not in read and decoded > 0  # no fbank read, cut or padded
+  audio, audio_test, read, decoded = _logged_batches(monkeypatch, 'audio')
+  assert 'frames' not in read and decoded == 0  # no JPEG decoded
+  assert [set(b) for b in video] == [{'video', 'label'}] * 4 and [set(b) for b in audio] == [{'audio', 'label'}] * 4
+  assert {frozenset(b) for b in video_test} == {frozenset({'video', 'label', 'mask', 'index'})}
+  assert {frozenset(b) for b in audio_test} == {frozenset({'audio', 'label', 'mask', 'index'})}
+  # What a unimodal pipeline gives is the audio-visual pipeline's batch without the other input.
+  for whole, *parts in zip(both + both_test, video + video_test, audio + audio_test):
+    np.testing.assert_array_equal(parts[0]['video'], whole['video'])
+    np.testing.assert_array_equal(parts[1]['audio'], whole['audio'])
+    for part in parts:
+      np.testing.assert_array_equal(part['label'], whole['label'])
+
+
+def test_unknown_modalities_is_a_clear_error():
+  config = tiny_config()
+  config.model.modalities = 'face'
+  with pytest.raises(input_pipeline.DatasetError, match=r"config\.model\.modalities='face': use one of"):
+    next(input_pipeline.create_train_iterator(config))
