@@ -308,8 +308,8 @@ def create_train_iterator(config, process_index=0, process_count=1, epoch=0, ste
   return iter(train_dataset(config, process_index, process_count, epoch, step))
 
 
-def eval_dataset(config, process_index=0, process_count=1) -> grain.IterDataset:
-  source = get_source(config, 'test')
+def eval_dataset(config, process_index=0, process_count=1, split='test') -> grain.IterDataset:
+  source = get_source(config, split)  # 'train': the training clips as test clips (feature extraction)
   num_clips, batch = len(source), config.eval_batch_size
   local = _local_batch_size(batch, process_count, 'eval_batch_size')
   padded = -(-num_clips // batch) * batch
@@ -325,9 +325,10 @@ def eval_dataset(config, process_index=0, process_count=1) -> grain.IterDataset:
   return _finish(positions.map(load).batch(local, drop_remainder=True), config, local)
 
 
-def create_eval_iterator(config, process_index=0, process_count=1):
-  """Every test clip exactly once, in global batches of eval_batch_size; padding carries mask=False."""
-  return iter(eval_dataset(config, process_index, process_count))
+def create_eval_iterator(config, process_index=0, process_count=1, split='test'):
+  """Every test clip exactly once, in global batches of eval_batch_size; padding carries mask=False; `index` is
+  the clip's position in the split's source (its id: source[index]['id'])."""
+  return iter(eval_dataset(config, process_index, process_count, split))
 
 
 def measure_throughput(config, seconds=10.0) -> dict:
