@@ -82,11 +82,6 @@ def train_steps(workdir) -> list:
   return sorted(ocp.utils.checkpoint_steps(root))
 
 
-def latest_train_step(workdir):
-  steps = train_steps(workdir)
-  return steps[-1] if steps else None
-
-
 def move_aside(step_dir, error: BaseException) -> None:
   """Rename a damaged step folder to `<checkpoints>.damaged/<step>-<time>` (process 0 only) with one warning."""
   step_dir = as_path(step_dir)

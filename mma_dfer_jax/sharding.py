@@ -46,10 +46,3 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
 def state_sharding(state, mesh: Mesh):
   """Sharding of every leaf of the train state (replicated)."""
   return jax.tree_util.tree_map(lambda _: replicated(mesh), state)
-
-
-def put_replicated(tree, mesh: Mesh):
-  """Place a host tree on every device of the mesh (every process passes the same values)."""
-  sharding = replicated(mesh)
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x)[index]), tree)

@@ -1,4 +1,4 @@
-"""The training step: only the adapters learn; the two SSL encoders stay frozen (REFERENCE.md, Training).
+"""The training step: only the adapters learn; the two SSL encoders stay frozen (docs/training.md).
 
 Which tensors train is decided in one place, `parameter_labels`, from parameter paths. The loss is differentiated
 only with respect to the trainable subtree, so frozen weights get no gradient computation and no optimizer state:

@@ -41,7 +41,7 @@ class GatedUp(nn.Module):
 
 
 class FusionAdapter(nn.Module):
-  """One layer's audio-visual exchange (REFERENCE.md, model step 5).
+  """One layer's audio-visual exchange (docs/model.md, step 5).
 
   Each modality is squeezed to `fusion_width`, receives the other modality's mean over all of its tokens (and, for
   audio, over all frames of the clip), and is added back through a gated up-projection.

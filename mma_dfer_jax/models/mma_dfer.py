@@ -1,5 +1,5 @@
 """MMA-DFER: two frozen ViT encoders run in lockstep, exchanging information through adapters after every layer,
-then a temporal transformer classifies the clip. The numbered steps follow REFERENCE.md's model section.
+then a temporal transformer classifies the clip. The numbered steps are those of docs/model.md.
 
 `model.modalities` picks the variant: 'audio_video' (the paper's model), or a unimodal model that is the same steps
 with one encoder left out: 'video' (the face ViT on every frame) or 'audio' (AudioMAE on the fbank). A unimodal

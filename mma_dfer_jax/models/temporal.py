@@ -1,4 +1,4 @@
-"""The temporal transformer that classifies a clip from its 16 fused frame features (REFERENCE.md step 8).
+"""The temporal transformer that classifies a clip from its 16 fused frame features (docs/model.md, step 8).
 
 Pre-norm blocks with bias-free q/kv projections and a tanh-approximate GELU feed-forward; no final norm. The
 reference's PreNorm also owns a second LayerNorm that it never applies; we do not build it.
