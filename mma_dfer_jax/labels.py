@@ -1,9 +1,11 @@
-"""Class names of each dataset, in the label order of the reference's annotation lists (labels from 0).
+"""Class names of each dataset, in the order of its labels (labels from 0).
 
-DFEW: the official labels 1..7 minus one (FERV39k: the same classes). MAFW: the reference's own order (the header comment of its
-`annotation/preprocessing.py`, the same as DFER-CLIP's `class_names_11`), which is NOT the order of MAFW's class
-list (anger, disgust, fear, ...); the MAFW builder maps the class names of the official split files onto it, so the
-released MAFW models' outputs read with these names.
+DFEW and MAFW: the order of the reference's annotation lists, which the released models were trained with. DFEW's
+is its official labels 1..7 minus one. MAFW's is the reference's own (the header comment of its
+`annotation/preprocessing.py`, the same as DFER-CLIP's `class_names_11`), NOT the order of MAFW's class list (anger,
+disgust, fear, ...): the MAFW builder maps the class names of the official split files onto it. The reference has
+no lists for the other datasets: CREMA-D and RAVDESS follow the emotion codes of their file names, FERV39k takes
+DFEW's classes (see the comments below).
 """
 
 DFEW_CLASSES = ('happiness', 'sadness', 'neutral', 'anger', 'surprise', 'disgust', 'fear')
