@@ -3,11 +3,11 @@
 The encoders are random and frozen (there are no SSL weights for this size), so only the adapters, prompts and the
 temporal head learn, as in the paper's recipe.
 """
-from configs import common
+from mma_dfer_jax import settings
 
 
 def get_config():
-  c = common.base_config()
+  c = settings.base_config()
   c.dataset = 'synthetic'
   c.data_dir = ''                # the synthetic clips are generated in memory from the seed
   c.num_epochs = 12

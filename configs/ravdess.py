@@ -5,17 +5,8 @@ audio and video.
   python -m data.ravdess.build --manual_dir /data/RAVDESS --data_dir datasets
   python launch.py --config configs/ravdess.py --workdir runs/ravdess --mode cross_validate --folds 1,2,3,4,5,6
 """
-from configs import common
-
-NUM_FOLDS = 6  # config.fold is 1..6
+from mma_dfer_jax import settings
 
 
 def get_config():
-  c = common.base_config()
-  c.dataset = 'ravdess'
-  c.fold = 1
-  c.data_dir = 'datasets'
-  c.model = common.model_config(num_classes=8)
-  c.init.face_checkpoint = 'weights/mae_face_pretrain_vit_base.pth'
-  c.init.audio_checkpoint = 'weights/audiomae_pretrained.pth'
-  return c
+  return settings.paper_config('ravdess', num_classes=8)

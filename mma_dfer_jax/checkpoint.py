@@ -15,14 +15,14 @@ Every directory may be local or a URL such as `gs://bucket/run` (etils.epath, as
 either an epath.Path, local ones absolute (Orbax needs absolute local paths).
 """
 import datetime
-import json
 import os
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from mma_dfer_jax import settings
 
 PARAMS_DIR = 'params'
 CONFIG_FILE = 'config.json'
@@ -166,8 +166,6 @@ def load_params(path) -> dict:
 
 
 def load_config(path):
-  """The experiment config stored with a checkpoint, or None when there is none."""
-  file = as_path(path) / CONFIG_FILE
-  if not file.is_file():
-    return None
-  return ml_collections.ConfigDict(json.loads(file.read_text()))
+  """The experiment config stored with a checkpoint, an older one's missing keys filled from the defaults
+  (settings.upgrade), or None when there is none."""
+  return settings.load_saved(as_path(path))

@@ -12,11 +12,13 @@ What counts as a user error is decided here, in one place (`user_error_message`)
 - the OS errors about a path (`PATH_ERRORS`: missing, existing, not a directory, permission denied);
 - a `ValueError` whose message starts with `config.`: the package's convention for a check of a config key.
 
-The commands (launch.py / mma-dfer-train, convert, predict, bench) wrap their `main` in `guard` and parse absl
-flags with `parse_flags`; `check_config` and `check_writable_dir` are the checks they run before anything is
-computed or written. This module imports nothing heavy: launch.py must configure the allocator before JAX starts.
+The commands (launch.py / mma-dfer-train, convert, predict, export, bench) wrap their `main` in `guard` and take
+`--config FILE` plus `--config.key=value` overrides (`define_config_flag`, `parse_flags`); `check_config`
+(settings.validate) and `check_writable_dir` are the checks they run before anything is computed or written. This module imports nothing heavy: launch.py must configure the allocator before JAX starts.
 """
+import difflib
 import functools
+import importlib.util
 import os
 import re
 import sys
@@ -121,117 +123,145 @@ def run_main(main: Callable, *args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# absl / ml_collections flags.
+# absl / ml_collections flags: `--config FILE` plus `--config.key=value` overrides, the same for every command.
 
-def define_config_flag(flag_values, argv, help_text='Experiment config file, e.g. configs/demo.py.') -> None:
-  """`--config FILE` plus `--config.key=value` overrides (found in `argv`) on `flag_values`."""
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file('config', None, help_text, flag_values=flag_values, sys_argv=list(argv),
-                                  lock_config=True)
-
-
-def _config_path(argv) -> Optional[str]:
+def flag_value(argv, name: str) -> Optional[str]:
+  """The value of `--name=VALUE` or `--name VALUE` in `argv` (the last one given), read before absl parses."""
+  found = None
   for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      return arg.split('=', 1)[1]
-    if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+    if re.match(rf'^--?{re.escape(name)}=', arg):
+      found = arg.split('=', 1)[1]
+    elif re.match(rf'^--?{re.escape(name)}$', arg) and i + 1 < len(argv):
+      found = argv[i + 1]
+  return found
 
 
-def _flag_error_text(error: Exception) -> str:
-  text = str(error)
-  if 'Error whilst parsing config file' in text:  # ml_collections puts the config file's traceback in the message
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    return f'--config: the config file failed to load ({last.strip()})'
-  return text
+def override_keys(argv) -> list:
+  """The keys of the `--config.key=value` overrides (and `--config.flag` / `--noconfig.flag`) in `argv`."""
+  keys = []
+  for arg in argv:
+    match = re.match(r'^--?(?:no)?config\.([^=]+)', arg)
+    if match and match.group(1) not in keys:
+      keys.append(match.group(1))
+  return keys
+
+
+def _config_keys(config, prefix='') -> list:
+  keys = []
+  for key, value in config.items():
+    keys.append(prefix + key)
+    if hasattr(value, 'items'):
+      keys.extend(_config_keys(value, f'{prefix}{key}.'))
+  return keys
+
+
+def _closest_key(key: str, known: list) -> Optional[str]:
+  """The known key `key` is most likely a misspelling of: by the whole path, else by its last part."""
+  close = difflib.get_close_matches(key, known, n=1)
+  if close:
+    return close[0]
+  last = key.rsplit('.', 1)[-1]
+  by_last = {k.rsplit('.', 1)[-1]: k for k in known}
+  close = difflib.get_close_matches(last, list(by_last), n=1)
+  return by_last[close[0]] if close else None
+
+
+def check_override_keys(config, argv) -> None:
+  """Every `--config.key` override in `argv` names a key of `config` (UserError naming the closest key if not)."""
+  known = _config_keys(config)
+  for key in override_keys(argv):
+    if key in known:
+      continue
+    missing = next(part for i, part in enumerate(key.split('.'), 1) if '.'.join(key.split('.')[:i]) not in known)
+    closest = _closest_key(key, known)
+    raise UserError(f'--config.{key}: config key {missing!r} does not exist'
+                    + (f' (did you mean --config.{closest}?)' if closest else '')
+                    + '; see the config file for the available keys')
+
+
+def load_config_file(path):
+  """`get_config()` of a config file such as configs/mafw.py (`FILE:ARG` calls `get_config(ARG)`)."""
+  file, arg = (path, None) if os.path.isfile(path) or ':' not in path else path.rsplit(':', 1)
+  if not os.path.isfile(file):
+    raise UserError(f'--config {path}: no such file (configs/dfew.py, configs/mafw.py and configs/demo.py come '
+                    'with the code)')
+  spec = importlib.util.spec_from_file_location(f'_config_{Path(file).stem}', file)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg is not None else module.get_config()
+  except Exception as e:  # pylint: disable=broad-exception-caught  # a config file is user code
+    raise UserError(f'--config {path}: the config file failed to load ({type(e).__name__}: {e})') from None
+  if not hasattr(config, 'to_dict'):
+    raise UserError(f'--config {path}: get_config() returned a {type(config).__name__}, not a ConfigDict')
+  return config
+
+
+def _without_config_file(argv) -> list:
+  """`argv` less `--config FILE` / `--config=FILE` (the file is loaded here; absl sees only the overrides)."""
+  kept, skip = [], False
+  for i, arg in enumerate(argv):
+    if skip:
+      skip = False
+    elif re.match(r'^--?config=', arg):
+      continue
+    elif re.match(r'^--?config$', arg) and i + 1 < len(argv):
+      skip = True
+    else:
+      kept.append(arg)
+  return kept
+
+
+def define_config_flag(flag_values, argv, help_text='Experiment config file, e.g. configs/demo.py.', stored=None,
+                       no_config_hint='give --config FILE, e.g. --config configs/demo.py') -> None:
+  """`--config FILE` plus `--config.key=value` overrides (found in `argv`) on `flag_values`.
+
+  The config is the file's, else `stored` (e.g. the config saved with a checkpoint), else None. Every override key
+  is checked against it here, before absl parses (UserError naming the key); the values are parsed by absl with the
+  key's type, and a bad one is a UserError from `parse_flags`.
+  """
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  path = flag_value(argv, 'config')
+  config = load_config_file(path) if path is not None else stored
+  if config is None:
+    keys = override_keys(argv)
+    if keys:
+      raise UserError(f'--config.{keys[0]}: there is no config to apply it to; {no_config_hint}')
+    config_flags.DEFINE_config_file('config', None, help_text, flag_values=flag_values, sys_argv=list(argv))
+    return
+  check_override_keys(config, argv)
+  config_flags.DEFINE_config_dict('config', config, help_text, flag_values=flag_values,
+                                  sys_argv=_without_config_file(argv), lock_config=True)
 
 
 def parse_flags(flag_values, argv) -> list:
-  """absl's parsing of `argv`; a bad flag or `--config.key=value` override becomes a UserError.
+  """absl's parsing of `argv`; a bad flag or override value becomes a UserError. `--help` prints the flags, exits 0.
 
   Returns the arguments left after the flags (argv[0] first), as absl does.
   """
-  path = _config_path(argv)
-  if path is not None and not os.path.isfile(path.split(':')[0]):
-    raise UserError(f'--config {path}: no such file (configs/dfew.py, configs/mafw.py and configs/demo.py come '
-                    'with the code)')
   from absl import flags  # pylint: disable=import-outside-toplevel
+  if 'help' not in flag_values and any(arg in ('-h', '--help', '--helpfull') for arg in argv):
+    print(f'usage: {Path(argv[0]).name} [flags]\n\n{flag_values.get_help()}')
+    sys.exit(0)
   try:
-    return flag_values(list(argv))
-  except (KeyError, AttributeError) as e:  # ml_collections: the overridden key does not exist
-    text = str(e).replace('\\', '')
-    key = re.search(r"'(\w+)'", text)
-    hint = re.search(r'Did you mean "(\w+)"', text)
-    raise UserError(f'config key {key.group(1) if key else text!r} does not exist'
-                    + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
-                    + '; see the config file for the available keys') from None
+    return flag_values(_without_config_file(argv))
   except flags.Error as e:
-    raise UserError(_flag_error_text(e)) from None
+    raise UserError(f'{e} (see --help)') from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checks run before anything is computed or written.
-
-def _require(condition: bool, message: str) -> None:
-  if not condition:
-    raise UserError(message)
-
-
-def _check_count(config, key: str, minimum: int) -> None:
-  value = config
-  for part in key.split('.'):
-    value = value.get(part) if hasattr(value, 'get') else None
-  if value is None:
-    return  # an older config without this key: its module's default applies
-  _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-           f'config.{key}={value!r}: must be an integer >= {minimum}')
-
+# Checks run before anything is computed or written: mma_dfer_jax/settings.py, named here for the commands.
 
 def check_model_config(model_config) -> None:
-  _require(model_config.depth >= 6 and model_config.depth % 6 == 0,
-           f'config.model.depth={model_config.depth}: must be a positive multiple of 6 (prompt stages every 6 '
-           'blocks)')
-  for key in ('num_classes', 'img_size', 'num_frames', 'width', 'num_heads', 'mlp_dim'):
-    _check_count(model_config, key, 1)
-  _require(model_config.width % model_config.num_heads == 0,
-           f'config.model.width={model_config.width} is not divisible by config.model.num_heads='
-           f'{model_config.num_heads}')
-  kinds = ('audio_video', 'video', 'audio')  # models/mma_dfer.py MODALITIES (not imported: cli stays JAX-free)
-  modalities = model_config.get('modalities', 'audio_video')
-  _require(modalities in kinds, f'config.model.modalities={modalities!r}: use one of {", ".join(kinds)}')
+  """config.model's choices and ranges (settings.validate_model)."""
+  from mma_dfer_jax import settings  # pylint: disable=import-outside-toplevel  (settings imports this module)
+  settings.validate_model(model_config)
 
 
 def check_config(config, device_count: Optional[int] = None, process_count: int = 1) -> None:
-  """The experiment settings a run needs, each checked with the key named (UserError).
-
-  With `device_count`, also that every global batch splits evenly over the devices and processes.
-  """
-  from mma_dfer_jax import input_pipeline  # pylint: disable=import-outside-toplevel  (the dataset table; no JAX)
-  datasets = input_pipeline.DATASETS
-  _require(config.dataset in datasets,
-           f'config.dataset={config.dataset!r}: unknown dataset; use one of {", ".join(datasets)}')
-  folds = input_pipeline.num_folds(config.dataset)
-  _require(isinstance(config.fold, int) and 1 <= config.fold <= folds,
-           f'config.fold={config.fold}: {config.dataset} folds are numbered 1..{folds}')
-  for key in ('batch_size', 'eval_batch_size', 'num_epochs', 'keep_checkpoints', 'log_every_steps'):
-    _check_count(config, key, 1)
-  _check_count(config, 'checkpoint_every_steps', 0)
-  check_model_config(config.model)
-  if device_count is not None:
-    wanted = config.get('mesh', {}).get('data', -1)
-    _require(wanted in (-1, device_count),
-             f'config.mesh.data={wanted}, but {device_count} devices are visible; use -1 for all of them')
-    for key in ('batch_size', 'eval_batch_size'):
-      value = config.get(key)
-      if value is None:
-        continue
-      _require(value % device_count == 0,
-               f'config.{key}={value} is not divisible by the {device_count} devices; use a multiple of '
-               f'{device_count}')
-      _require(value % process_count == 0,
-               f'config.{key}={value} is not divisible by the {process_count} processes; use a multiple of '
-               f'{process_count}')
+  """Every setting, with the key named (settings.validate); with `device_count`, also the batches' split."""
+  from mma_dfer_jax import settings  # pylint: disable=import-outside-toplevel
+  settings.validate(config, device_count, process_count)
 
 
 def check_writable_dir(path, flag: str) -> None:

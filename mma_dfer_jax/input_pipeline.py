@@ -22,13 +22,11 @@ import numpy as np
 
 from mma_dfer_jax import audio as audio_lib
 from mma_dfer_jax import frames as frames_lib
+from mma_dfer_jax import settings
 from mma_dfer_jax import synthetic
 from mma_dfer_jax.frames import frame_indices  # noqa: F401  (contract: input_pipeline.frame_indices)
 
-DATASETS = ('dfew', 'mafw', 'cremad', 'ravdess', 'ferv39k', 'synthetic')
-# Folds of each dataset's protocol (5 where not listed): RAVDESS 6 folds of 4 actors; FERV39k its one official
-# train/test split, built as fold 1 (fold1_train, fold1_test).
-NUM_FOLDS = {'ravdess': 6, 'ferv39k': 1}
+DATASETS = tuple(settings.DATASETS)  # the names; their folds: settings.DATASETS
 # Builds older than these hold data the reference would not see: MAFW 1.0.0 labelled the classes in MAFW's own
 # order (wrong for the released models) and sampled over every frame file (the reference: one less).
 OLDEST_BUILD = {'mafw': (2, 0, 0)}
@@ -45,9 +43,7 @@ class DatasetError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Sources.
 
-def num_folds(dataset: str) -> int:
-  """Folds of the dataset's protocol, numbered 1..num_folds (FERV39k: 1, its official train/test split)."""
-  return NUM_FOLDS.get(dataset, 5)
+num_folds = settings.num_folds  # folds of the dataset's protocol, numbered 1..num_folds
 
 
 def model_inputs(config) -> tuple:
@@ -59,10 +55,7 @@ def model_inputs(config) -> tuple:
 
 
 def _split_name(config, train: bool) -> str:
-  folds = num_folds(config.dataset)
-  if not isinstance(config.fold, int) or not 1 <= config.fold <= folds:
-    where = f' for {config.dataset}' if folds != 5 else ''
-    raise DatasetError(f'config.fold={config.fold}: folds are numbered 1..{folds}{where}')
+  settings.check_fold(config)
   return f'fold{config.fold}_{"train" if train else "test"}'
 
 
@@ -95,8 +88,6 @@ def _version_key(version_dir: epath.Path):
 
 def get_source(config, split: str):
   """A random-access source of records for `split` ('train' or 'test') of config.dataset / config.fold."""
-  if config.dataset not in DATASETS:
-    raise DatasetError(f'config.dataset={config.dataset!r}: unknown dataset; use one of {", ".join(DATASETS)}')
   if split not in SPLITS:
     raise DatasetError(f'split={split!r}: use one of {", ".join(SPLITS)} (the fold comes from config.fold)')
   train = split == 'train'

@@ -1,13 +1,15 @@
 """Recognise the emotion in a raw video file with a trained (or converted) MMA-DFER checkpoint.
 
-  python -m mma_dfer_jax.predict VIDEO --checkpoint DIR [--config configs/X.py] [--json] [--save-frames out.png]
+  python -m mma_dfer_jax.predict VIDEO --checkpoint DIR [--config.key=value ...] [--json] [--save-frames out.png]
+  python -m mma_dfer_jax.predict VIDEO --checkpoint DIR --config configs/X.py [--config.key=value ...]
   python -m mma_dfer_jax.predict VIDEO --checkpoint DIR --timeline OUT_DIR [--window S --hop S]  (timeline.py)
 
 The clip goes through the same steps as a test clip of the reference: 16 frames at the test-time segment centres,
 face crops (the MAFW rule, see faces.py), resized to the model's img_size, scaled to [0, 1]; the audio track's
 Kaldi fbank at the track's own sample rate (a clip without audio gets the all-zero fbank, as MAFW clips without a
-wav did). The model and its config come from the checkpoint; `--config` replaces that config (its `dataset` names
-the classes).
+wav did). The model and its config come from the checkpoint, with `--config.key=value` overrides applied (e.g.
+--config.model.attention_impl=einsum); `--config FILE` replaces that config (its `dataset` names the classes). A
+model key that changes the parameters' shapes is refused, naming the key.
 
 By default a readable table goes to stdout; with --json exactly one JSON object: `label`, `probabilities` (class
 name -> probability), `face_detected`, `has_audio`, `frames_used`, `num_frames`, `notes`, `timings` (seconds per
@@ -18,11 +20,10 @@ Errors in the input print one line and exit with 2 (cli.py): a missing or unread
 line, and exits with 2. A video whose stream ends before the frame count its header declares (a truncated file) is
 predicted from the frames present, with a note saying so.
 """
-import argparse
-import importlib.util
 import json
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -43,18 +44,7 @@ class PredictError(Exception):
   """A user error: the message is printed as the one line the command line shows (listed in cli.py)."""
 
 
-def load_config_file(path):
-  """`get_config()` of a config file such as configs/mafw.py."""
-  path = Path(path)
-  if not path.is_file():
-    raise PredictError(f'{path}: no such config file (give one such as configs/mafw.py)')
-  spec = importlib.util.spec_from_file_location(f'_predict_config_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    return module.get_config()
-  except Exception as e:  # a config file is user code: any failure is reported as one line
-    raise PredictError(f'{path}: loading the config failed ({type(e).__name__}: {e})') from e
+load_config_file = cli.load_config_file  # `get_config()` of a config file such as configs/mafw.py
 
 
 def _compiled_forward(model_config, params, video, audio):
@@ -270,19 +260,31 @@ def format_table(result: dict) -> str:
   return '\n'.join(lines)
 
 
-def _model_differences(config, stored) -> list:
-  """`key (checkpoint A, --config B)` for every config.model key whose values differ."""
+def _model_differences(config, stored, label: str, keys=None) -> list:
+  """`model.key (A in the checkpoint, B <label>)` for every config.model key whose values differ (of `keys` only,
+  when given: the overridden ones)."""
   mine, theirs = config.model.to_dict(), stored.model.to_dict()
-  return [f'model.{k} ({theirs.get(k)!r} in the checkpoint, {mine.get(k)!r} in --config)'
-          for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+  names = [k for k in sorted(set(mine) | set(theirs)) if keys is None or f'model.{k}' in keys]
+  return [f'model.{k} ({theirs.get(k)!r} in the checkpoint, {mine.get(k)!r} {label})'
+          for k in names if mine.get(k) != theirs.get(k)]
 
 
-def check_fits(params, config, checkpoint_dir, config_path=None, stored=None) -> None:
-  """Refuses a config whose model has other parameter shapes than the checkpoint, naming the differing keys."""
+def check_fits(params, config, checkpoint_dir, config_path=None, stored=None, overrides=()) -> None:
+  """Refuses a config whose model has other parameter shapes than the checkpoint, naming the differing keys.
+
+  config_path: the --config file `config` came from; overrides: the --config.key overrides applied onto the stored
+  config (none of either: the stored config itself).
+  """
   import flax  # pylint: disable=import-outside-toplevel
 
   from mma_dfer_jax import convert  # pylint: disable=import-outside-toplevel
-  where = f'--config {config_path}' if config_path else f'{checkpoint_dir}/config.json'
+  model_overrides = [k for k in overrides if k == 'model' or k.startswith('model.')]
+  if config_path:
+    where, label, keys = f'--config {config_path}', 'in --config', None
+  elif model_overrides:
+    where, label, keys = ' '.join(f'--config.{k}' for k in model_overrides), 'given', set(model_overrides)
+  else:
+    where, label, keys = f'{checkpoint_dir}/config.json', '', None
   try:
     expected = convert.param_shapes(config.model)
   except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -291,17 +293,24 @@ def check_fits(params, config, checkpoint_dir, config_path=None, stored=None) ->
   bad = sorted('/'.join(k) for k in set(expected) | set(got) if expected.get(k) != got.get(k))
   if not bad:
     return
-  differences = _model_differences(config, stored) if (config_path and stored is not None) else []
+  compared = stored is not None and (config_path or model_overrides)
+  differences = _model_differences(config, stored, label, keys) if compared else []
   detail = ('; '.join(differences[:6]) if differences else
             'parameters ' + ', '.join(bad[:4]) + (' ...' if len(bad) > 4 else '') + ' differ in shape')
-  fix = ('drop --config to use the checkpoint\'s own config, or give the config it was made with' if config_path
-         else 'the checkpoint is damaged or was written by other code; give --config configs/X.py it was made with')
+  if config_path:
+    fix = 'drop --config to use the checkpoint\'s own config, or give the config it was made with'
+  elif model_overrides:
+    fix = 'the parameters\' shapes follow from these keys: drop the override (the checkpoint\'s own config fits)'
+  else:
+    fix = 'the checkpoint is damaged or was written by other code; give --config configs/X.py it was made with'
   raise PredictError(f'{where} does not fit the checkpoint {checkpoint_dir}: {detail}; {fix}')
 
 
-def load_model(checkpoint_dir, config_path=None):
-  """(params, config) from a checkpoint directory; a config file given here replaces the stored config.
+def load_model(checkpoint_dir, config_path=None, config=None, overrides=()):
+  """(params, config) from a checkpoint directory, the config checked (settings.validate_model) and fitted to them.
 
+  config: the config to use, from --config FILE (`config_path`) or the stored one with --config.key=value
+  `overrides` applied; without it the file at `config_path` when given, else the config stored with the checkpoint.
   Raises:
     PredictError: no checkpoint there, it cannot be read, or the config's model does not fit its parameters.
   """
@@ -310,53 +319,90 @@ def load_model(checkpoint_dir, config_path=None):
     raise PredictError(f'{checkpoint_dir}: no such checkpoint directory (give the --out of convert or a '
                        'launch.py work directory)')
   stored = checkpoint.load_config(checkpoint_dir)
-  config = load_config_file(config_path) if config_path else stored
+  if config is None:
+    config = load_config_file(config_path) if config_path else stored
   if config is None:
     raise PredictError(f'{checkpoint_dir}: holds no config.json; name the experiment with --config configs/X.py')
+  cli.check_model_config(config.model)
   try:
     params = checkpoint.load_params(checkpoint_dir)
   except FileNotFoundError as e:
     raise PredictError(str(e)) from e
   except Exception as e:  # Orbax reports damaged checkpoints with many exception types
     raise PredictError(f'{checkpoint_dir}: reading the checkpoint failed ({type(e).__name__}: {e})') from e
-  check_fits(params, config, checkpoint_dir, config_path, stored)
+  check_fits(params, config, checkpoint_dir, config_path, stored, overrides)
   return params, config
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-  """argparse whose usage errors follow the contract: one line, exit code 2."""
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: absl flags, `--config FILE` plus `--config.key=value` as every command takes them (cli.py).
 
-  def error(self, message):
-    raise cli.UserError(f'{message} (see --help)')
+PROG = 'mma-dfer-predict'
+
+
+def _stored_config(checkpoint_dir, overrides):
+  """The config saved with the checkpoint, for the overrides to apply onto. None when there is none: then the
+  missing checkpoint is reported by load_model, after the other flags are checked, unless overrides need it now."""
+  from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  if not checkpoint_dir or not checkpoint.as_path(checkpoint_dir).is_dir():
+    if overrides and checkpoint_dir:
+      raise PredictError(f'{checkpoint_dir}: no such checkpoint directory (give the --out of convert or a '
+                         'launch.py work directory)')
+    return None
+  return checkpoint.load_config(checkpoint_dir)
+
+
+def _flag_values(argv, stored):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  fv = flags.FlagValues()
+  cli.define_config_flag(fv, argv, 'Experiment config file; replaces the config stored with the checkpoint '
+                         '(default: that config, with the --config.key=value overrides applied).', stored=stored,
+                         no_config_hint='the checkpoint holds no config.json: give --config configs/X.py')
+  flags.DEFINE_string('checkpoint', None, 'Checkpoint directory: the --out of convert or a launch.py work directory.',
+                      flag_values=fv)
+  flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.', flag_values=fv)
+  flags.DEFINE_string('save-frames', None, 'Write a PNG montage of the 16 face crops here.', flag_values=fv)
+  flags.DEFINE_string('timeline', None, 'The emotion over time instead: timeline.csv, .json and .png of a sliding '
+                      'window in this folder (see timeline.py).', flag_values=fv)
+  flags.DEFINE_float('window', None, '--timeline window length in seconds (default 2).', flag_values=fv)
+  flags.DEFINE_float('hop', None, '--timeline step between windows in seconds (default 1).', flag_values=fv)
+  return fv
 
 
 def parse_args(argv):
-  parser = _ArgumentParser(prog='python -m mma_dfer_jax.predict', description=__doc__.split('\n')[0])
-  parser.add_argument('video', help='a video file (mp4, mkv, avi, webm, ...)')
-  parser.add_argument('--checkpoint', required=True, help='checkpoint directory (convert --out or a work dir)')
-  parser.add_argument('--config', help='experiment config file; replaces the config stored with the checkpoint')
-  parser.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
-  parser.add_argument('--save-frames', metavar='PNG', help='write a montage of the 16 face crops here')
-  parser.add_argument('--timeline', metavar='OUT_DIR', help='the emotion over time instead: timeline.csv, .json '
-                      'and .png of a sliding window (see timeline.py)')
-  parser.add_argument('--window', type=float, metavar='S', help='--timeline window length in seconds (default 2)')
-  parser.add_argument('--hop', type=float, metavar='S', help='--timeline step between windows in seconds (default 1)')
-  args = parser.parse_args(argv)
-  if args.timeline is None and (args.window is not None or args.hop is not None):
+  """The command line (without the program name) as attributes: video, checkpoint, config (the --config file's,
+  or the stored one with the overrides applied; None when neither exists), config_path, overrides (the overridden
+  keys), json, save_frames, timeline, window, hop."""
+  argv = [PROG, *argv]
+  overrides = cli.override_keys(argv)
+  config_path = cli.flag_value(argv, 'config')
+  checkpoint_dir = cli.flag_value(argv, 'checkpoint')
+  stored = None if config_path is not None else _stored_config(checkpoint_dir, overrides)
+  fv = _flag_values(argv, stored)
+  rest = cli.parse_flags(fv, argv)
+  if not fv.checkpoint:
+    raise cli.UserError('--checkpoint DIR is required: the --out of convert or a launch.py work directory')
+  if len(rest) != 2:
+    raise cli.UserError(f'usage: {PROG} VIDEO --checkpoint DIR [--config FILE] [--config.key=value ...] [--json] '
+                        '(one video; see --help)')
+  if fv.timeline is None and (fv.window is not None or fv.hop is not None):
     raise cli.UserError('--window and --hop set the timeline\'s windows; add --timeline OUT_DIR')
-  return args
+  return types.SimpleNamespace(video=rest[1], checkpoint=fv.checkpoint, config=fv.config, config_path=config_path,
+                               overrides=overrides, json=fv.json, save_frames=fv['save-frames'].value,
+                               timeline=fv.timeline, window=fv.window, hop=fv.hop)
 
 
 def _predict(argv) -> int:
   args = parse_args(argv)
   if not Path(args.video).is_file():
     raise PredictError(f'{args.video}: no such video file')
+  model = (args.checkpoint, args.config_path, args.config, args.overrides)
   if args.timeline is not None:  # the emotion over time: timeline.py (checks its settings before the model loads)
     from mma_dfer_jax import timeline  # pylint: disable=import-outside-toplevel
     timeline.check_args(args)
-    return timeline.run_command(args, *load_model(args.checkpoint, args.config))
+    return timeline.run_command(args, *load_model(*model))
   start = time.perf_counter()
-  params, config = load_model(args.checkpoint, args.config)
+  params, config = load_model(*model)
   load_seconds = time.perf_counter() - start
   result = predict_video(args.video, params, config, save_frames=args.save_frames)
   result['timings']['checkpoint'] = round(load_seconds, 4)  # reading params and config, outside `total`
@@ -369,9 +415,10 @@ def _predict(argv) -> int:
 
 
 def main(argv=None) -> int:
-  """The command line (`mma-dfer-predict`); returns the exit code (2 for a user error, printed as one line)."""
+  """The command line (`mma-dfer-predict`) with `argv` (sys.argv[1:] by default); returns the exit code (2 for a user
+  error, printed as one line)."""
   try:
-    return _predict(argv)
+    return _predict(sys.argv[1:] if argv is None else list(argv))
   except Exception as e:  # pylint: disable=broad-exception-caught
     message = cli.user_error_message(e)
     if message is None:

@@ -9,15 +9,15 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mma_dfer_jax import settings
+
 DATA_AXIS = 'data'
 
 
 def make_mesh(config) -> Mesh:
   """A 1-D mesh over `config.mesh.data` devices (-1: all of them, over every process)."""
   devices = jax.devices()
-  wanted = config.mesh.data
-  if wanted not in (-1, len(devices)):
-    raise ValueError(f'config.mesh.data={wanted}, but {len(devices)} devices are visible; use -1 for all of them')
+  settings.check_mesh(config, len(devices))
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -31,10 +31,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, what='batch_size') -> None:
-  if global_batch_size % mesh.size:
-    raise ValueError(f'config.{what}={global_batch_size} is not divisible by the {mesh.size} devices of the mesh')
-  if global_batch_size % jax.process_count():
-    raise ValueError(f'config.{what}={global_batch_size} is not divisible by the {jax.process_count()} processes')
+  settings.check_divisible(what, global_batch_size, mesh.size, jax.process_count())
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
