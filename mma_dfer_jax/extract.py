@@ -65,10 +65,12 @@ def features_fn(model):
 
 def eval_model_and_params(config, params):
   """The model and parameters as the eval step holds them (train.create_train_state's: the implementations resolved
-  for this host, frozen weights stored in the compute dtype)."""
+  for this host, frozen weights stored in the compute dtype); the state is only traced, so no optimizer state is
+  made."""
+  import jax  # pylint: disable=import-outside-toplevel
   from mma_dfer_jax import train  # pylint: disable=import-outside-toplevel
-  state = train.create_train_state(config, params)
-  return state.model, state.params
+  model = jax.eval_shape(lambda p: train.create_train_state(config, p), params).model  # a static field: the module
+  return model, train.device_params(params, config.model.dtype)
 
 
 def _text(value) -> str:
@@ -121,6 +123,8 @@ def extract_split(config, params, split='test', progress=True) -> dict:
       for key, value in out.items():
         collected[key].append(np.asarray(value)[real])
       bar.update(int(real.sum()))
+  if not collected['index']:
+    raise cli.UserError(f'config.dataset={config.dataset} fold {config.fold}: its {split} split holds no clips')
   arrays = {key: np.concatenate(parts) for key, parts in collected.items()}
   index = arrays.pop('index')
   return {
