@@ -4,7 +4,6 @@
   mma-dfer-train --config configs/mafw.py --workdir runs/mafw_cv --mode cross_validate
   mma-dfer-train --config configs/mafw.py --workdir runs/eval --mode eval --config.init.checkpoint=converted/
   mma-dfer-train --config configs/mafw.py --workdir runs/mafw_fold1 --mode extract [--split train]  (extract.py)
-  mma-dfer-train --config configs/mafw.py --workdir runs/mafw_fold1 --mode extract [--split train]  (extract.py)
 
 Re-running a command resumes from its work directory. Multi-host (not needed on TPU pods, where JAX finds its
 peers): --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every host. The config and the work
@@ -32,7 +31,6 @@ def define_flags(argv) -> None:
   flags.DEFINE_string('workdir', None, 'Where checkpoints, logs, plots and summary.json go.')
   flags.DEFINE_enum('mode', 'train', list(MODES), 'What to run.')
   flags.DEFINE_list('folds', None, "Folds for --mode cross_validate (default: all of the dataset's protocol).")
-  flags.DEFINE_enum('split', 'test', ['test', 'train'], 'The split --mode extract writes features of.')
   flags.DEFINE_enum('split', 'test', ['test', 'train'], 'The split --mode extract writes features of.')
   flags.DEFINE_string('coordinator_address', None, 'Multi-host: address:port of process 0.')
   flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes (1: one process, no cluster detection).')
@@ -88,9 +86,6 @@ def main(argv):
     experiment.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':
     experiment.evaluate_checkpoint(config, FLAGS.workdir)
-  elif FLAGS.mode == 'extract':  # WORKDIR/features_fold<k>_<split>.npz (mma_dfer_jax/extract.py)
-    from mma_dfer_jax import extract  # pylint: disable=import-outside-toplevel
-    extract.extract_checkpoint(config, FLAGS.workdir, FLAGS.split)
   elif FLAGS.mode == 'extract':  # WORKDIR/features_fold<k>_<split>.npz (mma_dfer_jax/extract.py)
     from mma_dfer_jax import extract  # pylint: disable=import-outside-toplevel
     extract.extract_checkpoint(config, FLAGS.workdir, FLAGS.split)
