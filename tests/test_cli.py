@@ -269,3 +269,53 @@ def test_configs_load_from_another_working_directory(tmp_path):
                         cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=env_path),
                         capture_output=True, text=True, timeout=300, check=False)
   assert_one_line_error(done, 'config.batch_size=0')  # the config file loaded; its value was checked
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One convention: --config FILE plus --config.key=value; export and --mode eval start from the checkpoint's config.
+
+def test_export_starts_from_the_checkpoints_config(checkpoints, tmp_path):
+  from mma_dfer_jax import export  # pylint: disable=import-outside-toplevel
+  good, _, _ = checkpoints
+  argv = ['export', '--checkpoint', str(good), '--out', str(tmp_path / 'm.jax'), '--config.model.attention_impl=einsum']
+  flag_values = export._flag_values(argv)  # pylint: disable=protected-access
+  cli.parse_flags(flag_values, argv)
+  config = flag_values.config
+  assert (config.dataset, config.model.width, config.model.attention_impl) == ('synthetic', 48, 'einsum')
+  argv = ['export', '--checkpoint', str(good), '--config', DEMO, '--config.model.width=96']  # the file replaces it
+  flag_values = export._flag_values(argv)  # pylint: disable=protected-access
+  cli.parse_flags(flag_values, argv)
+  assert flag_values.config.model.width == 96
+  with pytest.raises(cli.UserError, match=r"'widht' does not exist \(did you mean --config.model.width\?\)"):
+    export._flag_values(['export', '--checkpoint', str(good), '--config.model.widht=1'])  # pylint: disable=protected-access
+  with pytest.raises(cli.UserError, match='no config to apply it to; give --config FILE or a --checkpoint'):
+    export._flag_values(['export', '--checkpoint', str(tmp_path), '--config.seed=2'])  # pylint: disable=protected-access
+
+
+def test_eval_starts_from_the_checkpoints_config(checkpoints, tmp_path):
+  from mma_dfer_jax import launch  # pylint: disable=import-outside-toplevel
+  good, _, _ = checkpoints
+  config = launch.stored_config(['launch.py', '--mode', 'eval', '--workdir', str(tmp_path),
+                                 f'--config.init.checkpoint={good}'])
+  assert (config.dataset, config.model.width, config.init.checkpoint) == ('synthetic', 48, str(good))
+  assert launch.stored_config(['launch.py', '--mode=eval', '--workdir', str(good)]).init.checkpoint == str(good)
+  assert launch.stored_config(['launch.py', '--workdir', str(good)]) is None  # training needs --config
+  assert launch.stored_config(['launch.py', '--mode', 'eval', '--config', DEMO, '--workdir', str(good)]) is None
+  assert launch.stored_config(['launch.py', '--mode', 'eval', '--workdir', str(tmp_path)]) is None
+
+
+def test_launch_without_a_config_to_start_from(tmp_path):
+  assert_one_line_error(run('launch.py', '--mode', 'eval', '--workdir', tmp_path), '--config is required',
+                        'config.json')
+  assert_one_line_error(run('launch.py', '--workdir', tmp_path, '--config.batch_size=2'), '--config.batch_size',
+                        'no config to apply it to')
+
+
+@pytest.mark.slow
+def test_eval_without_config_evaluates_with_the_saved_one(checkpoints, tmp_path):
+  good, _, _ = checkpoints
+  done = run('launch.py', '--mode', 'eval', '--workdir', tmp_path / 'eval', f'--config.init.checkpoint={good}',
+             '--config.input.synthetic_test_size=8', '--config.eval_batch_size=8')
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads((tmp_path / 'eval' / 'eval_fold1.json').read_text())
+  assert result['num_clips'] == 8 and result['checkpoint'] == str(good)

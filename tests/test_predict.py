@@ -206,3 +206,67 @@ def test_predict_feeds_the_model_what_the_eval_pipeline_feeds_for_the_same_frame
   example = input_pipeline.test_example(record, config)
   np.testing.assert_array_equal(example['video'], crops)
   np.testing.assert_array_equal(example['audio'], fbank)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --config.key=value overrides onto the checkpoint's own config.
+
+def test_overrides_apply_onto_the_checkpoints_config(tiny_checkpoint, tmp_path, capsys):
+  checkpoint_dir, _ = tiny_checkpoint
+  clip = write_video(tmp_path / 'clip.mp4', gradient_frames(4, 48, 48))
+  argv = [str(clip), '--checkpoint', str(checkpoint_dir), '--config.model.attention_impl=einsum', '--json']
+  args = predict.parse_args(argv)
+  assert args.config_path is None and args.overrides == ['model.attention_impl']
+  assert args.config.model.attention_impl == 'einsum'
+  assert args.config.dataset == 'mafw' and args.config.model.width == 32  # the rest is the stored config
+  _, config = predict.load_model(args.checkpoint, args.config_path, args.config, args.overrides)
+  assert config.model.attention_impl == 'einsum'
+  assert predict.main([*argv[:2], str(checkpoint_dir), '--config.seed=3', '--json']) == 0  # compiled already
+  check_probabilities(json.loads(capsys.readouterr().out), config_classes(config))
+
+
+@pytest.mark.slow
+def test_a_model_override_runs_end_to_end(tiny_checkpoint, tmp_path, capsys):
+  """Compiles the model once more (its config differs): slow on a loaded machine."""
+  checkpoint_dir, _ = tiny_checkpoint
+  clip = write_video(tmp_path / 'clip.mp4', gradient_frames(4, 48, 48))
+  assert predict.main([str(clip), '--checkpoint', str(checkpoint_dir), '--config.model.attention_impl=einsum',
+                       '--json']) == 0
+  from mma_dfer_jax import labels  # pylint: disable=import-outside-toplevel
+  check_probabilities(json.loads(capsys.readouterr().out), labels.MAFW_CLASSES)
+
+
+def config_classes(config):
+  from mma_dfer_jax import labels  # pylint: disable=import-outside-toplevel
+  return labels.class_names(config.dataset, config.model.num_classes)
+
+
+@pytest.mark.parametrize('override, named', [
+    ('--config.model.width=64', 'model.width (32 in the checkpoint, 64 given)'),  # changes the parameters' shapes
+    ('--config.model.num_classes=7', 'model.num_classes (11 in the checkpoint, 7 given)'),
+    ('--config.model.widht=64', "config key 'widht' does not exist (did you mean --config.model.width?)"),
+    ('--config.model.depth=abc', '--config.model.depth=abc'),
+    ('--config.model.depth=4', 'config.model.depth=4'),
+])
+def test_bad_overrides_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys, override, named):
+  checkpoint_dir, _ = tiny_checkpoint
+  clip = write_video(tmp_path / 'clip.mp4', gradient_frames(2, 48, 48))
+  assert predict.main([str(clip), '--checkpoint', str(checkpoint_dir), override, '--json']) == 2
+  captured = capsys.readouterr()
+  lines = captured.err.strip().splitlines()
+  assert captured.out == '' and len(lines) == 1 and lines[0].startswith('error: ') and named in lines[0], captured.err
+
+
+def test_an_older_checkpoints_config_is_upgraded(tiny_checkpoint, tmp_path):
+  """A config.json written before model.modalities / attention_impl / matmul_impl existed loads with their
+  defaults (settings.upgrade, applied by checkpoint.load_config)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  checkpoint_dir, _ = tiny_checkpoint
+  old = Path(shutil.copytree(checkpoint_dir, tmp_path / 'old'))
+  saved = json.loads((old / 'config.json').read_text())
+  for key in ('modalities', 'attention_impl', 'matmul_impl'):
+    del saved['model'][key]
+  (old / 'config.json').write_text(json.dumps(saved))
+  _, config = predict.load_model(old)
+  assert (config.model.modalities, config.model.attention_impl, config.model.matmul_impl) == ('audio_video', '', '')
+  assert config.model.width == 32
