@@ -17,7 +17,8 @@ multi-platform module once; the constants are stored once), so the artifact is t
 `portable_loader.py` does that (and reads the sidecar) with only jax and numpy installed. Beside FILE goes
 FILE.json: class names, input and output shapes and dtypes, platforms, the implementations traced and the config
 the model came from. The module uses XLA's own ops only (never this package's CPU kernels, which are not
-registered where the package is absent). The checkpoint's stored config is used unless --config replaces it.
+registered where the package is absent). The checkpoint's stored config is used, with `--config.key=value`
+overrides applied onto it, unless --config FILE replaces it.
 A user error is one line and exit code 2 (cli.py).
 """
 import json
@@ -150,10 +151,21 @@ def load_checkpoint(checkpoint_dir, config=None):
   return params, config
 
 
+def _stored_config(argv):
+  """Without --config: the config saved with --checkpoint (overrides apply onto it), or None."""
+  checkpoint_dir = cli.flag_value(argv, 'checkpoint')
+  if cli.flag_value(argv, 'config') is not None or not checkpoint_dir:
+    return None
+  return checkpoint.load_config(checkpoint_dir) if checkpoint.as_path(checkpoint_dir).is_dir() else None
+
+
 def _flag_values(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   flag_values = flags.FlagValues()
-  cli.define_config_flag(flag_values, argv, 'Experiment config file; replaces the config stored with the checkpoint.')
+  cli.define_config_flag(flag_values, argv, 'Experiment config file; replaces the config stored with the checkpoint '
+                         '(default: that config, with the --config.key=value overrides applied).',
+                         stored=_stored_config(argv),
+                         no_config_hint='give --config FILE or a --checkpoint that holds a config.json')
   flags.DEFINE_string('checkpoint', None, 'Checkpoint directory: the --out of convert or a launch.py work dir.',
                       flag_values=flag_values)
   flags.DEFINE_string('out', None, 'Where to write the serialized module (and OUT.json beside it).',

@@ -3,6 +3,7 @@
   mma-dfer-train --config configs/mafw.py --workdir runs/mafw_fold1 [--config.fold=2 ...]
   mma-dfer-train --config configs/mafw.py --workdir runs/mafw_cv --mode cross_validate
   mma-dfer-train --config configs/mafw.py --workdir runs/eval --mode eval --config.init.checkpoint=converted/
+  mma-dfer-train --workdir runs/mafw_fold1 --mode eval [--config.eval_batch_size=4]  (the run's saved config)
   mma-dfer-train --config configs/mafw.py --workdir runs/mafw_fold1 --mode extract [--split train]  (extract.py)
 
 Re-running a command resumes from its work directory. Multi-host (not needed on TPU pods, where JAX finds its
@@ -16,18 +17,35 @@ from absl import flags
 from absl import logging
 
 from mma_dfer_jax import cli
+from mma_dfer_jax import settings
 
 FLAGS = flags.FLAGS
 MODES = ('train', 'eval', 'cross_validate', 'extract')
+CHECKPOINT_MODES = ('eval', 'extract')  # they start from the checkpoint's saved config when --config is not given
 
 
 FLAG_NAMES = ('config', 'workdir', 'mode', 'folds', 'split', 'coordinator_address', 'num_processes', 'process_id',
               'cpu_collectives_gloo')
 
 
+def stored_config(argv):
+  """For the modes that read a checkpoint, without --config: the config saved with it (--config.init.checkpoint,
+  else --workdir), pointed at that checkpoint. None otherwise. Read without JAX (the allocator is not set yet)."""
+  if cli.flag_value(argv, 'mode') not in CHECKPOINT_MODES or cli.flag_value(argv, 'config') is not None:
+    return None
+  source = cli.flag_value(argv, 'config.init.checkpoint') or cli.flag_value(argv, 'workdir')
+  config = settings.load_saved(source) if source else None
+  if config is not None:
+    config.init.checkpoint = source  # the checkpoint evaluated, not the one its training started from
+  return config
+
+
 def define_flags(argv) -> None:
   """The command's flags, listed by --help under the program being run (launch.py or mma-dfer-train)."""
-  cli.define_config_flag(FLAGS, argv, 'Experiment config file, e.g. configs/mafw.py.')
+  cli.define_config_flag(FLAGS, argv, 'Experiment config file, e.g. configs/mafw.py. --mode eval without it: the '
+                         'config saved with the checkpoint.', stored=stored_config(argv),
+                         no_config_hint='give --config FILE, e.g. --config configs/demo.py (--mode eval: or a '
+                         'checkpoint that holds a config.json)')
   flags.DEFINE_string('workdir', None, 'Where checkpoints, logs, plots and summary.json go.')
   flags.DEFINE_enum('mode', 'train', list(MODES), 'What to run.')
   flags.DEFINE_list('folds', None, "Folds for --mode cross_validate (default: all of the dataset's protocol).")
@@ -49,8 +67,7 @@ def initialize_distributed():
 
 
 def _folds(dataset: str) -> list:
-  from mma_dfer_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  count = input_pipeline.num_folds(dataset)
+  count = settings.num_folds(dataset)
   if FLAGS.folds is None:
     return list(range(1, count + 1))
   try:
@@ -68,7 +85,9 @@ def main(argv):
     raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])} (settings go as --config.key=value)')
   config = FLAGS.config
   if config is None:
-    raise cli.UserError('--config is required, e.g. --config configs/demo.py')
+    raise cli.UserError('--config is required, e.g. --config configs/demo.py' + (
+        f' (--mode {FLAGS.mode}: or a --workdir / --config.init.checkpoint holding a config.json)'
+        if FLAGS.mode in CHECKPOINT_MODES else ''))
   if not FLAGS.workdir:
     raise cli.UserError('--workdir is required: the directory for checkpoints, logs and summary.json')
   cli.check_config(config)
@@ -96,7 +115,7 @@ def main(argv):
 def run(argv=None):
   """The console script's entry point."""
   argv = list(sys.argv if argv is None else argv)
-  define_flags(argv)
+  cli.guard(define_flags, hard_exit=True)(argv)  # a missing --config file or an unknown key: one line
   app.run(cli.guard(main, hard_exit=True), argv=argv, flags_parser=cli.guard(lambda args: cli.parse_flags(FLAGS, args)))
 
 
