@@ -1,7 +1,7 @@
 """Features of a trained (or converted) model for every clip of a split or every video of a folder, in one npz file.
 
   python -m mma_dfer_jax.extract --checkpoint DIR --videos FOLDER --out features.npz [--batch_size 8]
-  python -m mma_dfer_jax.extract --checkpoint DIR --split test --out features.npz
+  python -m mma_dfer_jax.extract --checkpoint DIR --split test --out features.npz [--config.key=value ...]
   python launch.py --config configs/X.py --workdir DIR --mode extract [--split test|train]
 
 For each clip, what the model computes on its way to the label (read from the model's `sow`n intermediates, the
@@ -23,9 +23,11 @@ that could not be read (counted, listed on stderr, not fatal).
 A split goes through the eval input pipeline (the same global batches as evaluation: test-time frames, the last
 partial batch padded and the padding dropped), on the config's mesh; `--split train` takes the training clips the
 same way (no augmentation). A folder goes through predict's front end (16 test-time frames, face crops, the fbank;
-predict.py), in batches of --batch_size. `launch.py --mode extract` writes WORKDIR/features_fold<k>_<split>.npz from
-the checkpoint of the work directory, or init.checkpoint. A user error is one line and exit code 2 (cli.py): no such
-checkpoint, a folder without videos, no video that could be read, an output that cannot be written.
+predict.py), in batches of --batch_size. The command takes the checkpoint's stored config (or --config FILE) with
+--config.key=value overrides, as predict does. `launch.py --mode extract` writes
+WORKDIR/features_fold<k>_<split>.npz from the checkpoint of the work directory, or init.checkpoint. A user error is
+one line and exit code 2 (cli.py): no such checkpoint, a folder without videos, no video that could be read, an
+output that cannot be written, a config that does not fit the checkpoint.
 """
 import json
 import os
@@ -231,24 +233,6 @@ def extract_videos(config, params, folder, batch_size=DEFAULT_BATCH_SIZE, progre
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints, provenance and the file.
 
-def load_checkpoint(checkpoint_dir, config=None):
-  """(params, config, step): a converted checkpoint or a work directory's newest intact training step (step None
-  for a converted one); `config` (from --config) replaces the stored one."""
-  from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  from mma_dfer_jax import predict  # pylint: disable=import-outside-toplevel
-  path = checkpoint.as_path(checkpoint_dir)
-  if not path.is_dir():
-    raise cli.UserError(f'{checkpoint_dir}: no such checkpoint directory (give the --out of convert or a launch.py '
-                        'work directory)')
-  stored = checkpoint.load_config(path)
-  config = config if config is not None else stored
-  if config is None:
-    raise cli.UserError(f'{checkpoint_dir}: holds no config.json; name the experiment with --config configs/X.py')
-  params = checkpoint.load_params(path)  # CheckpointNotFoundError is a user error (cli.py)
-  predict.check_fits(params, config, checkpoint_dir, None, stored)
-  return params, config, restored_step(path)
-
-
 def restored_step(checkpoint_dir):
   """The training step load_params restored from a work directory (after it, a damaged newer step has been moved
   aside, so the newest listed is that one); None for a converted checkpoint."""
@@ -310,52 +294,74 @@ def extract_checkpoint(config, workdir, split='test', progress=True):
 # ---------------------------------------------------------------------------------------------------------------
 # Command line.
 
-def _flag_values(argv):
+PROG = 'mma-dfer-extract'
+
+
+def _stored_config(checkpoint_dir):
+  """The config saved with the checkpoint, for --config.key=value overrides to apply onto (None: none there)."""
+  from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  if not checkpoint_dir or not checkpoint.as_path(checkpoint_dir).is_dir():
+    return None
+  return checkpoint.load_config(checkpoint_dir)
+
+
+def _flag_values(argv, stored):
   from absl import flags  # pylint: disable=import-outside-toplevel
-  flag_values = flags.FlagValues()
-  cli.define_config_flag(flag_values, argv, 'Experiment config file; replaces the config stored with the checkpoint.')
-  flags.DEFINE_string('checkpoint', None, 'Checkpoint directory: the --out of convert or a launch.py work dir.',
-                      flag_values=flag_values)
-  flags.DEFINE_string('videos', None, 'A folder of video files (searched at any depth).', flag_values=flag_values)
+  fv = flags.FlagValues()
+  cli.define_config_flag(fv, argv, 'Experiment config file; replaces the config stored with the checkpoint '
+                         '(default: that config, with the --config.key=value overrides applied).', stored=stored,
+                         no_config_hint='the checkpoint holds no config.json: give --config configs/X.py')
+  flags.DEFINE_string('checkpoint', None, 'Checkpoint directory: the --out of convert or a launch.py work directory.',
+                      flag_values=fv)
+  flags.DEFINE_string('videos', None, 'A folder of video files (searched at any depth).', flag_values=fv)
   flags.DEFINE_string('split', None, "A split of the config's dataset and fold instead: test or train.",
-                      flag_values=flag_values)
-  flags.DEFINE_string('out', None, 'The .npz file to write.', flag_values=flag_values)
-  flags.DEFINE_integer('batch_size', DEFAULT_BATCH_SIZE, 'Videos per model call (--videos).', flag_values=flag_values)
-  flags.DEFINE_bool('progress', True, 'Show a progress bar on stderr.', flag_values=flag_values)
-  return flag_values
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'The .npz file to write.', flag_values=fv)
+  flags.DEFINE_integer('batch_size', DEFAULT_BATCH_SIZE, 'Videos per model call (--videos).', flag_values=fv)
+  flags.DEFINE_bool('progress', True, 'Show a progress bar on stderr.', flag_values=fv)
+  return fv
+
+
+def _check_flags(fv) -> None:
+  if not fv.checkpoint or not fv.out:
+    raise cli.UserError('--checkpoint DIR and --out FILE.npz are required, with --videos FOLDER or --split test|train')
+  if (fv.videos is None) == (fv.split is None):
+    raise cli.UserError('give one of --videos FOLDER (a folder of video files) or --split test|train (the dataset)')
+  if fv.split is not None and fv.split not in SPLITS:
+    raise cli.UserError(f'--split={fv.split}: use one of {", ".join(SPLITS)}')
+  if not fv.out.endswith('.npz'):
+    raise cli.UserError(f'--out {fv.out}: name a .npz file, e.g. --out features.npz')
 
 
 def main(argv=None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  flag_values = _flag_values(argv)
-  rest = cli.parse_flags(flag_values, argv)
-  if len(rest) > 1:
-    raise cli.UserError(f'unexpected arguments: {" ".join(rest[1:])}')
-  if not flag_values.checkpoint or not flag_values.out:
-    raise cli.UserError('--checkpoint DIR and --out FILE.npz are required, with --videos FOLDER or --split test|train')
-  if (flag_values.videos is None) == (flag_values.split is None):
-    raise cli.UserError('give one of --videos FOLDER (a folder of video files) or --split test|train (the dataset)')
-  if flag_values.split is not None and flag_values.split not in SPLITS:
-    raise cli.UserError(f'--split={flag_values.split}: use one of {", ".join(SPLITS)}')
-  if not flag_values.out.endswith('.npz'):
-    raise cli.UserError(f'--out {flag_values.out}: name a .npz file, e.g. --out features.npz')
+  """The command line (`mma-dfer-extract`), argv[0] the program; returns the exit code (a user error raises)."""
   from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  cli.check_writable_dir(checkpoint.as_path(flag_values.out).parent, '--out')
-  if flag_values.videos is not None:
-    list_videos(flag_values.videos)  # a folder without videos is refused before the checkpoint loads
-  params, config, step = load_checkpoint(flag_values.checkpoint, flag_values.config)
-  cli.check_model_config(config.model)
+  from mma_dfer_jax import predict  # pylint: disable=import-outside-toplevel
+  argv = list(sys.argv if argv is None else argv)
+  overrides = cli.override_keys(argv)
+  config_path = cli.flag_value(argv, 'config')
+  stored = None if config_path is not None else _stored_config(cli.flag_value(argv, 'checkpoint'))
+  fv = _flag_values(argv, stored)
+  rest = cli.parse_flags(fv, argv)
+  if len(rest) > 1:
+    raise cli.UserError(f'unexpected arguments: {" ".join(rest[1:])} (see --help)')
+  _check_flags(fv)
+  cli.check_writable_dir(checkpoint.as_path(fv.out).parent, '--out')
+  if fv.videos is not None:
+    list_videos(fv.videos)  # a folder without videos is refused before the checkpoint loads
+  # The checkpoint's config, or --config FILE, with the overrides applied; refused where it does not fit.
+  params, config = predict.load_model(fv.checkpoint, config_path, fv.config, overrides)
   start = time.perf_counter()
-  if flag_values.videos is not None:
-    arrays = extract_videos(config, params, flag_values.videos, flag_values.batch_size, flag_values.progress)
+  if fv.videos is not None:
+    arrays = extract_videos(config, params, fv.videos, fv.batch_size, fv.progress)
   else:
     cli.check_config(config)
-    arrays = extract_split(config, params, flag_values.split, flag_values.progress)
-  arrays.update(provenance(config, checkpoint.as_path(flag_values.checkpoint), step))
-  write_npz(flag_values.out, arrays)
+    arrays = extract_split(config, params, fv.split, fv.progress)
+  arrays.update(provenance(config, checkpoint.as_path(fv.checkpoint), restored_step(fv.checkpoint)))
+  write_npz(fv.out, arrays)
   for reason in arrays.get('failed_reasons', ()):
     print(f'skipped: {reason}', file=sys.stderr)
-  print(summary_line(flag_values.out, arrays, time.perf_counter() - start), flush=True)
+  print(summary_line(fv.out, arrays, time.perf_counter() - start), flush=True)
   return 0
 
 

@@ -134,11 +134,16 @@ def test_launch_extract_writes_every_test_clip_with_evals_logits(workdir, launch
 
 
 @pytest.mark.parametrize('modalities', ['video', 'audio'])
-def test_unimodal_models_extract_their_split(tmp_path, modalities):
+def test_unimodal_models_through_the_command_on_a_split(tmp_path, modalities):
+  """`extract --split test` on a converted checkpoint, with --config.key=value overrides onto its stored config."""
   config = demo_config(modalities=modalities)
-  config.input.synthetic_test_size, config.eval_batch_size = 3, 2
   params = random_params(config.model, seed=1)
-  data = extract.extract_split(config, params, 'test', progress=False)
+  directory = checkpoint.save_params(tmp_path / 'ckpt', params, config)
+  out = tmp_path / 'features.npz'
+  assert extract.main(['extract', '--checkpoint', str(directory), '--split', 'test', '--out', str(out),
+                       '--config.input.synthetic_test_size=3', '--config.eval_batch_size=2', '--noprogress']) == 0
+  with np.load(out) as data:
+    data = {key: data[key] for key in data.files}
   c = config.model
   assert data['frame_features'].shape == (3, c.num_frames, c.width) and data['embeddings'].shape == (3, 64)
   frame_spread = np.ptp(data['frame_features'], axis=1).max()
@@ -148,6 +153,9 @@ def test_unimodal_models_extract_their_split(tmp_path, modalities):
     assert frame_spread > 1e-3
   np.testing.assert_allclose(classify(params, data['embeddings']), data['logits'], atol=1e-4, rtol=0)
   assert list(data['ids']) == ['test_00000', 'test_00001', 'test_00002'] and list(data['labels']) == [0, 1, 2]
+  assert int(data['checkpoint_step']) == -1 and str(data['checkpoint']) == str(directory)
+  stored = json.loads(str(data['config_json']))  # the config it ran with: the overrides applied
+  assert stored['model']['modalities'] == modalities and stored['input']['synthetic_test_size'] == 3
 
 
 @pytest.fixture
@@ -185,24 +193,32 @@ def test_folder_of_videos_gives_predicts_logits(workdir, video_folder, tmp_path,
   assert np.argmax(logits) == np.argmax(expected)
 
 
+def user_error(argv) -> str:
+  """The one line the command prints for `argv` (a user error, never a traceback)."""
+  with pytest.raises(Exception) as raised:
+    extract.main(['extract', *argv])
+  message = cli.user_error_message(raised.value)
+  assert message is not None, raised.value
+  return message
+
+
 def test_user_errors(workdir, tmp_path):
   directory, _, _ = workdir
   empty = tmp_path / 'empty'
   empty.mkdir()
   (empty / 'readme.txt').write_text('no videos here')
-  cases = [
-      (['--videos', str(empty)], 'no video files'),
-      (['--videos', str(tmp_path / 'missing')], 'no such folder'),
-      ([], 'give one of --videos'),
-      (['--split', 'valid'], "--split=valid: use one of test, train"),
-  ]
-  for extra, message in cases:
-    with pytest.raises(cli.UserError, match=message):
-      extract.main(['extract', '--checkpoint', str(directory), '--out', str(tmp_path / 'f.npz'), *extra])
+  out = ['--out', str(tmp_path / 'f.npz')]
+  assert 'no video files' in user_error(['--checkpoint', str(directory), '--videos', str(empty), *out])
+  assert 'no such folder' in user_error(['--checkpoint', str(directory), '--videos', str(tmp_path / 'missing'), *out])
+  assert 'give one of --videos' in user_error(['--checkpoint', str(directory), *out])
+  assert '--split=valid: use one of test, train' in user_error(['--checkpoint', str(directory), '--split', 'valid',
+                                                                 *out])
+  assert 'name a .npz file' in user_error(['--checkpoint', str(directory), '--split', 'test', '--out', 'f.csv'])
   (empty / 'a.mp4').write_bytes(b'not read before the checkpoint is')
-  with pytest.raises(cli.UserError, match='no such checkpoint directory'):
-    extract.main(['extract', '--checkpoint', str(tmp_path / 'nope'), '--videos', str(empty), '--out',
-                  str(tmp_path / 'f.npz')])
+  assert 'no such checkpoint directory' in user_error(['--checkpoint', str(tmp_path / 'nope'), '--videos', str(empty),
+                                                       *out])
+  assert 'model.width' in user_error(['--checkpoint', str(directory), '--videos', str(empty), *out,
+                                      '--config.model.width=96'])
 
 
 def test_folder_without_videos_is_one_line_and_exit_2(tmp_path):
