@@ -133,15 +133,15 @@ def test_launch_extract_writes_every_test_clip_with_evals_logits(workdir, launch
                              atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('modalities', ['video', 'audio'])
-def test_unimodal_models_through_the_command_on_a_split(tmp_path, modalities):
-  """`extract --split test` on a converted checkpoint, with --config.key=value overrides onto its stored config."""
+@pytest.mark.parametrize('modalities,split', [('video', 'test'), ('audio', 'train')])
+def test_unimodal_models_through_the_command_on_a_split(tmp_path, modalities, split):
+  """`extract --split` on a converted checkpoint, with --config.key=value overrides onto its stored config."""
   config = demo_config(modalities=modalities)
   params = random_params(config.model, seed=1)
   directory = checkpoint.save_params(tmp_path / 'ckpt', params, config)
   out = tmp_path / 'features.npz'
-  assert extract.main(['extract', '--checkpoint', str(directory), '--split', 'test', '--out', str(out),
-                       '--config.input.synthetic_test_size=3', '--config.eval_batch_size=2', '--noprogress']) == 0
+  assert extract.main(['extract', '--checkpoint', str(directory), '--split', split, '--out', str(out),
+                       f'--config.input.synthetic_{split}_size=3', '--config.eval_batch_size=2', '--noprogress']) == 0
   with np.load(out) as data:
     data = {key: data[key] for key in data.files}
   c = config.model
@@ -152,10 +152,10 @@ def test_unimodal_models_through_the_command_on_a_split(tmp_path, modalities):
   else:
     assert frame_spread > 1e-3
   np.testing.assert_allclose(classify(params, data['embeddings']), data['logits'], atol=1e-4, rtol=0)
-  assert list(data['ids']) == ['test_00000', 'test_00001', 'test_00002'] and list(data['labels']) == [0, 1, 2]
-  assert int(data['checkpoint_step']) == -1 and str(data['checkpoint']) == str(directory)
+  assert list(data['ids']) == [f'{split}_0000{i}' for i in range(3)] and list(data['labels']) == [0, 1, 2]
+  assert str(data['source']) == f'split:{split}' and int(data['checkpoint_step']) == -1 and str(data['checkpoint']) == str(directory)
   stored = json.loads(str(data['config_json']))  # the config it ran with: the overrides applied
-  assert stored['model']['modalities'] == modalities and stored['input']['synthetic_test_size'] == 3
+  assert stored['model']['modalities'] == modalities and stored['input'][f'synthetic_{split}_size'] == 3
 
 
 @pytest.fixture
