@@ -17,8 +17,8 @@ The file (np.load reads it, no pickle): those three, `ids` (N,) the clip ids (a 
 folder: each video's path relative to FOLDER), `labels` (N,) where known (a split), `class_names`, and where it came
 from: `config_json` (the experiment config as JSON), `checkpoint` (its path) and `checkpoint_step` (the training
 step of a work directory's checkpoint; -1 for a converted one), `source` ('split:test', 'split:train' or
-'videos:FOLDER'). A folder adds `face_detected` and `has_audio` per clip, and `failed` / `failed_reasons`: the files
-that could not be read (counted, listed on stderr, not fatal).
+'videos:FOLDER'). A folder adds `face_detected` (False where an audio-only model looked for none) and `has_audio`
+per clip, and `failed` / `failed_reasons`: the files that could not be read (counted, listed on stderr, not fatal).
 
 A split goes through the eval input pipeline (the same global batches as evaluation: test-time frames, the last
 partial batch padded and the padding dropped), on the config's mesh; `--split train` takes the training clips the
@@ -294,9 +294,6 @@ def extract_checkpoint(config, workdir, split='test', progress=True):
 # ---------------------------------------------------------------------------------------------------------------
 # Command line.
 
-PROG = 'mma-dfer-extract'
-
-
 def _stored_config(checkpoint_dir):
   """The config saved with the checkpoint, for --config.key=value overrides to apply onto (None: none there)."""
   from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
@@ -331,6 +328,8 @@ def _check_flags(fv) -> None:
     raise cli.UserError(f'--split={fv.split}: use one of {", ".join(SPLITS)}')
   if not fv.out.endswith('.npz'):
     raise cli.UserError(f'--out {fv.out}: name a .npz file, e.g. --out features.npz')
+  if fv.batch_size < 1:
+    raise cli.UserError(f'--batch_size={fv.batch_size}: must be at least 1')
 
 
 def main(argv=None) -> int:

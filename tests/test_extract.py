@@ -214,6 +214,8 @@ def test_user_errors(workdir, tmp_path):
   assert '--split=valid: use one of test, train' in user_error(['--checkpoint', str(directory), '--split', 'valid',
                                                                  *out])
   assert 'name a .npz file' in user_error(['--checkpoint', str(directory), '--split', 'test', '--out', 'f.csv'])
+  assert '--batch_size=0: must be at least 1' in user_error(['--checkpoint', str(directory), '--videos', str(empty),
+                                                             *out, '--batch_size', '0'])
   (empty / 'a.mp4').write_bytes(b'not read before the checkpoint is')
   assert 'no such checkpoint directory' in user_error(['--checkpoint', str(tmp_path / 'nope'), '--videos', str(empty),
                                                        *out])
