@@ -234,14 +234,15 @@ def define_config_flag(flag_values, argv, help_text='Experiment config file, e.g
                                   sys_argv=_without_config_file(argv), lock_config=True)
 
 
-def parse_flags(flag_values, argv) -> list:
-  """absl's parsing of `argv`; a bad flag or override value becomes a UserError. `--help` prints the flags, exits 0.
+def parse_flags(flag_values, argv, usage: Optional[str] = None) -> list:
+  """absl's parsing of `argv`; a bad flag or override value becomes a UserError. `--help` prints `usage` and the
+  flags, and exits 0.
 
   Returns the arguments left after the flags (argv[0] first), as absl does.
   """
   from absl import flags  # pylint: disable=import-outside-toplevel
   if 'help' not in flag_values and any(arg in ('-h', '--help', '--helpfull') for arg in argv):
-    print(f'usage: {Path(argv[0]).name} [flags]\n\n{flag_values.get_help()}')
+    print(f'usage: {usage or Path(argv[0]).name + " [flags]"}\n\n{flag_values.get_help()}')
     sys.exit(0)
   try:
     return flag_values(_without_config_file(argv))

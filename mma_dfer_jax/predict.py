@@ -343,9 +343,11 @@ PROG = 'mma-dfer-predict'
 def _stored_config(checkpoint_dir, overrides):
   """The config saved with the checkpoint, for the overrides to apply onto. None when there is none: then the
   missing checkpoint is reported by load_model, after the other flags are checked, unless overrides need it now."""
+  if not checkpoint_dir:
+    return None
   from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  if not checkpoint_dir or not checkpoint.as_path(checkpoint_dir).is_dir():
-    if overrides and checkpoint_dir:
+  if not checkpoint.as_path(checkpoint_dir).is_dir():
+    if overrides:
       raise PredictError(f'{checkpoint_dir}: no such checkpoint directory (give the --out of convert or a '
                          'launch.py work directory)')
     return None
@@ -379,7 +381,7 @@ def parse_args(argv):
   checkpoint_dir = cli.flag_value(argv, 'checkpoint')
   stored = None if config_path is not None else _stored_config(checkpoint_dir, overrides)
   fv = _flag_values(argv, stored)
-  rest = cli.parse_flags(fv, argv)
+  rest = cli.parse_flags(fv, argv, usage=f'{PROG} VIDEO --checkpoint DIR [--config FILE] [--config.key=value ...] [flags]')
   if not fv.checkpoint:
     raise cli.UserError('--checkpoint DIR is required: the --out of convert or a launch.py work directory')
   if len(rest) != 2:

@@ -319,3 +319,13 @@ def test_eval_without_config_evaluates_with_the_saved_one(checkpoints, tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads((tmp_path / 'eval' / 'eval_fold1.json').read_text())
   assert result['num_clips'] == 8 and result['checkpoint'] == str(good)
+
+
+def test_predict_help_lists_its_flags(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    predict.main(['--help'])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith('usage: mma-dfer-predict VIDEO --checkpoint DIR')
+  for flag in ('--checkpoint', '--config', '--[no]json', '--save-frames', '--timeline', '--window', '--hop'):
+    assert flag in out, flag

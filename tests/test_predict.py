@@ -270,3 +270,10 @@ def test_an_older_checkpoints_config_is_upgraded(tiny_checkpoint, tmp_path):
   _, config = predict.load_model(old)
   assert (config.model.modalities, config.model.attention_impl, config.model.matmul_impl) == ('audio_video', '', '')
   assert config.model.width == 32
+
+
+def test_an_override_without_a_checkpoint_names_the_checkpoint(tmp_path, capsys):
+  clip = write_video(tmp_path / 'clip.mp4', gradient_frames(2, 48, 48))
+  assert predict.main([str(clip), '--checkpoint', str(tmp_path / 'none'), '--config.seed=2']) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and 'none: no such checkpoint directory' in lines[0], lines
