@@ -3,7 +3,7 @@
   python -m mma_dfer_jax.bench --config configs/dfew.py [--config.key=value ...] [--mode train|eval]
       [--steps N] [--warmup N] [--with_input_pipeline]
 
-Parameters are random (`jax.jit(MMADFER(c).init)`), inputs are synthetic clips of the config's shapes (uint8 video,
+Parameters are random (`models.init_params`), inputs are synthetic clips of the config's shapes (uint8 video,
 float32 fbank), sharded over the config's mesh as in training. `step_time_s` is the median over `--steps` timed
 steps after `--warmup` untimed ones, each blocking on its results. FLOPs:
 
@@ -14,8 +14,11 @@ steps after `--warmup` untimed ones, each blocking on its results. FLOPs:
 - `kernels`: what the encoder blocks run: attention (cpu_fused, einsum, ...) and matmul (openblas or xla).
 - `flops_analytic_per_step`: model FLOPs, matmuls only (see `analytic_flops`); `mfu` is these over the step time
   and the device's peak (null where the peak is unknown, e.g. CPU); `hfu` the same with XLA's count.
+- `sgemm_gflops`: one float32 (3248 x 768) x (768 x 3072) `jnp.dot` in the same run (median of 5), the machine's
+  matmul limit as the step sees it; `achieved_over_sgemm` is the step's model FLOP/s over it.
 """
 import json
+import resource
 import sys
 import time
 
@@ -25,13 +28,13 @@ import ml_collections
 import numpy as np
 
 from mma_dfer_jax import cli
-from mma_dfer_jax import host_memory
-from mma_dfer_jax import reference_timing
+from mma_dfer_jax import cpu
+from mma_dfer_jax import models
 from mma_dfer_jax import sharding
 from mma_dfer_jax import train
+from mma_dfer_jax.cpu import reference_timing
 from mma_dfer_jax.models import MMADFER
 from mma_dfer_jax.models import mma_dfer
-from mma_dfer_jax.models import vit
 
 # Dense peak FLOP/s per device: (bfloat16, float32 as the default matmul precision runs it). GPUs run float32
 # matmuls as TF32 by default; TPUs as single-pass bfloat16. Matched against device_kind, first match wins.
@@ -127,38 +130,26 @@ def _xla_flops(cost):
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
-def _step_fn(mode):
+def _lower(mode, state, batch, rng, mesh):
+  """The step as training compiles it (`train.jit_train_step`, state donated; or `train.jit_eval_step`), lowered."""
   if mode == 'train':
-    return train._train_step  # pylint: disable=protected-access
-  return lambda state, batch, rng: train._eval_logits(state, batch)  # pylint: disable=protected-access
-
-
-def _jit(mode, state, mesh):
-  state_sh = sharding.state_sharding(state, mesh)
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  if mode == 'train':
-    # As in training: the state is donated and updated in place.
-    return jax.jit(_step_fn(mode), in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
-                   donate_argnums=0)
-  return jax.jit(_step_fn(mode), in_shardings=(state_sh, batch_sh, repl), out_shardings=repl)
+    return train.jit_train_step(state, mesh).lower(state, batch, rng)
+  return train.jit_eval_step(state, mesh).lower(state, batch)
 
 
 def _unrolled_flops(config, mode, state, batch, rng, mesh):
   """XLA's count for the step with the layer scan fully unrolled (XLA counts a loop body only once), and with
   XLA's own attention and matmuls in place of the CPU kernels, whose custom calls XLA cannot count into."""
-  unrolled = ml_collections.ConfigDict(config.to_dict())
-  unrolled.model.scan_unroll = unrolled.model.depth
-  if vit.resolved_impls(config.model)['attention'] == 'cpu_fused':
-    unrolled.model.attention_impl = 'einsum'
-  unrolled.model.matmul_impl = 'xla'
+  unrolled = cpu.resolved_model_config(config.model, custom_calls=False)  # the kernels' settings -> XLA's ops
+  unrolled.scan_unroll = unrolled.depth
   abstract = jax.eval_shape(lambda: state)
-  abstract = abstract.replace(model=MMADFER(ml_collections.FrozenConfigDict(unrolled.model)))
-  return _xla_flops(_jit(mode, abstract, mesh).lower(abstract, batch, rng).cost_analysis())
+  abstract = abstract.replace(model=MMADFER(ml_collections.FrozenConfigDict(unrolled)))
+  return _xla_flops(_lower(mode, abstract, batch, rng, mesh).cost_analysis())
 
 
 def _memory(compiled, devices):
   """(peak bytes, source, details): the device allocator's peak where it has one, else XLA's memory analysis."""
-  details = {'max_rss_bytes': host_memory.peak_resident_bytes()}
+  details = {'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # kB on Linux
   try:
     analysis = compiled.memory_analysis()
   except Exception:  # noqa: BLE001  (not every backend implements it)
@@ -179,18 +170,30 @@ def _memory(compiled, devices):
   return details['max_rss_bytes'], 'process_max_rss', details
 
 
-def _temp_bytes(compiled) -> int:
-  try:
-    return int(compiled.memory_analysis().temp_size_in_bytes)
-  except Exception:  # noqa: BLE001  (not every backend implements it)
-    return 0
+SGEMM_SHAPE = (3248, 768, 3072)  # (m, k, n): the face blocks' MLP matmul at batch 1 (16 frames x 203 tokens)
 
 
-def _time_steps(step, state, batches, rngs, steps, warmup, reference=None, memory_keeper=None):
+def sgemm_gflops(shape=SGEMM_SHAPE, repeats: int = 5) -> float:
+  """The machine's matmul limit as the step sees it: median GFLOP/s of one float32 `jnp.dot` of `shape`
+  (m x k times k x n), jitted, on the default device, after one untimed call."""
+  m, k, n = shape
+  a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a, b))
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    jax.block_until_ready(dot(a, b))
+    times.append(time.perf_counter() - started)
+  return 2 * m * k * n / float(np.median(times)) / 1e9
+
+
+def _time_steps(step, state, batches, rngs, steps, warmup, reference=None, hook=None):
   """Median seconds per step; `batches` is a callable giving the next global batch (timed with the step).
 
   With a `reference_timing.ReferenceStepper`, one reference step follows each of ours; its times go to
-  `reference.times`. A `host_memory.StepMemoryKeeper` sees every step, as in training.
+  `reference.times`. The CPU step hook (`cpu.step_hook`) sees every step, as in training.
   """
   times, waits = [], []
   if reference is not None:
@@ -206,8 +209,8 @@ def _time_steps(step, state, batches, rngs, steps, warmup, reference=None, memor
     if i >= warmup:
       times.append(time.perf_counter() - started)
       waits.append(fetched - started)
-    if memory_keeper is not None:
-      memory_keeper.after_step()
+    if hook is not None:
+      hook.after_step(out)
     if reference is not None:
       seconds = reference.step()
       if i >= warmup:
@@ -247,18 +250,15 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
     raise ValueError(f'mode={mode!r}: use train or eval')
   if reference is not None and mode != 'train':
     raise ValueError('the reference recipe is timed against the train step only (--mode train)')
-  host_memory.configure(config)  # before the first JAX call starts the CPU client
-  memory_keeper = host_memory.step_keeper()
+  cpu.prepare_host(config)  # before the first JAX call starts the CPU client
+  hook = cpu.step_hook()
   c = config.model
   mesh = sharding.make_mesh(config)
   batch_size = config.batch_size if mode == 'train' else config.get('eval_batch_size', config.batch_size)
   sharding.check_batch_size(batch_size, mesh)
 
   # Random parameters (not timed).
-  model = MMADFER(ml_collections.FrozenConfigDict(c))
-  video = jnp.zeros((1, c.num_frames, c.img_size, c.img_size, 3), jnp.float32)
-  audio = jnp.zeros((1, c.audio_frames, c.audio_mels), jnp.float32)
-  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), video, audio)['params']
+  params = models.init_params(c, jax.random.PRNGKey(config.seed))
   state = train.create_train_state(config, params)
   del params
   state = jax.device_put(state, sharding.state_sharding(state, mesh))
@@ -267,24 +267,24 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
   rngs = list(jax.random.split(jax.random.PRNGKey(config.seed + 1), 8))
   rng = rngs[0]
 
-  jitted = _jit(mode, state, mesh)
   started = time.perf_counter()
-  lowered = jitted.lower(state, batch, rng)
+  lowered = _lower(mode, state, batch, rng, mesh)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - started
 
   flops = _xla_flops(compiled.cost_analysis())
   flops_source = 'compiled'
-  kernels = vit.resolved_impls(c)
+  kernels = cpu.implementations(c).names
   uses_cpu_kernels = kernels['attention'] == 'cpu_fused' or kernels['matmul'] == 'openblas'
   if c.scan_unroll < c.depth or uses_cpu_kernels:
     flops, flops_source = _unrolled_flops(config, mode, state, batch, rng, mesh), 'lowered_unrolled'
   analytic = analytic_flops(c, batch_size, train_mode=mode == 'train')
 
-  memory_keeper.before_first_step(_temp_bytes(compiled))
-  state, step_time, _, times = _time_steps(compiled, state, lambda: batch, rngs, steps, warmup, reference,
-                                           memory_keeper)
+  hook.before_first_step(compiled)
+  step = compiled if mode == 'train' else lambda state, batch, rng: compiled(state, batch)
+  state, step_time, _, times = _time_steps(step, state, lambda: batch, rngs, steps, warmup, reference, hook)
+  sgemm = sgemm_gflops()  # the same moment of the machine as the steps
   devices = mesh.devices.flatten().tolist()
   peak_mem, mem_source, mem_details = _memory(compiled, devices)
   peak = peak_flops_per_device(devices[0], c.dtype)
@@ -320,8 +320,11 @@ def run_benchmark(config, mode: str = 'train', steps: int = 5, warmup: int = 2,
       'warmup': warmup,
       'step_times_s': times,
       'jax_version': jax.__version__,
-      'cpu_keep_freed_memory': memory_keeper.active,
-      'cpu_freed_memory_trims': memory_keeper.trims,
+      **hook.summary(),
+      'sgemm_gflops': sgemm,
+      'sgemm_shape': list(SGEMM_SHAPE),
+      # The step's model FLOP/s over one large sgemm's: how close the step runs to the machine's matmul limit.
+      'achieved_over_sgemm': analytic['per_step'] / step_time / (sgemm * 1e9),
   }
   if reference is not None:
     reference_time = float(np.median(reference.times))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mma_dfer_jax import cli
+from mma_dfer_jax import models
 from mma_dfer_jax import pth_reader
 from mma_dfer_jax.models import mma_dfer
 
@@ -140,10 +141,7 @@ def reference_layout(model_config) -> dict:
 
 def param_shapes(model_config) -> dict:
   """{path: shape} of every parameter of the model, without allocating it."""
-  c = model_config
-  video = jax.ShapeDtypeStruct((1, c.num_frames, c.img_size, c.img_size, 3), jnp.float32)
-  audio = jax.ShapeDtypeStruct((1, c.audio_frames, c.audio_mels), jnp.float32)
-  shapes = jax.eval_shape(mma_dfer.MMADFER(c).init, jax.random.key(0), video, audio)['params']
+  shapes = jax.eval_shape(lambda: models.init_params(model_config, jax.random.key(0)))
   return {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(shapes).items()}
 
 
@@ -293,9 +291,7 @@ def init_from_ssl(model_config, face_path, audio_path, rng) -> dict:
   """
   c = model_config
   init_rng, face_rng, audio_rng = jax.random.split(rng, 3)
-  video = jnp.zeros((1, c.num_frames, c.img_size, c.img_size, 3), jnp.float32)
-  audio = jnp.zeros((1, c.audio_frames, c.audio_mels), jnp.float32)
-  params = jax.jit(mma_dfer.MMADFER(c).init)(init_rng, video, audio)['params']
+  params = models.init_params(c, init_rng)
   flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
   shapes = {k: v.shape for k, v in flat.items()}
   grids = {'vision': mma_dfer.vision_grid(c), 'audio': mma_dfer.audio_grid(c)}

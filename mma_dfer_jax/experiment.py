@@ -40,10 +40,11 @@ from etils import epath
 
 from mma_dfer_jax import checkpoint
 from mma_dfer_jax import convert
-from mma_dfer_jax import host_memory
+from mma_dfer_jax import cpu
 from mma_dfer_jax import input_pipeline
 from mma_dfer_jax import labels as labels_lib
 from mma_dfer_jax import metrics as metrics_lib
+from mma_dfer_jax import models
 from mma_dfer_jax import multihost
 from mma_dfer_jax import sharding
 from mma_dfer_jax import train
@@ -119,10 +120,7 @@ def initial_params(config, rng):
   logging.warning('No init.checkpoint and no SSL files: training from RANDOM encoders.')
   say(f'{banner}\n!! WARNING: no init.checkpoint and no init.face_checkpoint/audio_checkpoint: the encoders are RANDOM.\n'
       f'!! Fine for the synthetic demo; for DFEW/MAFW convert the SSL weights first (see README).\n{banner}')
-  c = config.model
-  video = jnp.zeros((1, c.num_frames, c.img_size, c.img_size, 3))
-  audio = jnp.zeros((1, c.audio_frames, c.audio_mels))
-  return jax.jit(train.MMADFER(c).init)(rng, video, audio)['params']
+  return models.init_params(config.model, rng)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,16 +343,9 @@ def _resume(manager, workdir: epath.Path, abstract, mesh):
 # Compiled steps with their shardings.
 
 def compiled_steps(state, mesh):
-  state_sh = sharding.state_sharding(state, mesh)
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  train_step = jax.jit(train._train_step, in_shardings=(state_sh, batch_sh, repl),  # pylint: disable=protected-access
-                       out_shardings=(state_sh, repl), donate_argnums=0)
-
-  def evaluate(state, batch):
-    logits = train._eval_logits(state, batch)  # pylint: disable=protected-access
+  def predictions(logits, batch):
     return jnp.argmax(logits, -1), batch['label'], batch['mask']
-  eval_step = jax.jit(evaluate, in_shardings=(state_sh, batch_sh), out_shardings=repl)
-  return train_step, eval_step
+  return train.jit_train_step(state, mesh), train.jit_eval_step(state, mesh, outputs=predictions)
 
 
 def evaluate_split(eval_step, state, config, mesh, class_names, desc='eval') -> dict:
@@ -458,7 +449,7 @@ def train_and_evaluate(config, workdir) -> dict:
     say(f'Resumed from {workdir} at step {latest} (epoch {latest // steps_per_epoch + 1})')
   state = jax.device_put(state, sharding.state_sharding(state, mesh))
   train_step, eval_step = compiled_steps(state, mesh)
-  memory_keeper = host_memory.step_keeper()  # XLA:CPU: reuse freed host memory where there is room (launch.py)
+  cpu_hook = cpu.step_hook()  # the CPU speed work's step hook (prepared in launch.py)
   writers = _Writers(workdir, class_names)
   preemption = multihost.PreemptionWatch()
   say(f'{config.dataset} fold {config.fold}: {steps_per_epoch} steps/epoch x {config.num_epochs} epochs, '
@@ -490,9 +481,7 @@ def train_and_evaluate(config, workdir) -> dict:
       while step < end:
         batch = sharding.global_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
-        if memory_keeper.needs_finished_step:
-          jax.block_until_ready(metrics)  # the keeper's first decision reads the finished step's peak memory
-        memory_keeper.after_step()
+        cpu_hook.after_step(metrics)
         pending.append((step, metrics['loss'], metrics['grad_norm']))
         step += 1
         clips += config.batch_size
@@ -584,10 +573,7 @@ def _abstract_state(config, steps_per_epoch):
   c = config.model
 
   def make_state():
-    video = jnp.zeros((1, c.num_frames, c.img_size, c.img_size, 3))
-    audio = jnp.zeros((1, c.audio_frames, c.audio_mels))
-    params = train.MMADFER(c).init(jax.random.key(0), video, audio)['params']
-    return train.create_train_state(config, params, steps_per_epoch)
+    return train.create_train_state(config, models.init_params(c, jax.random.key(0)), steps_per_epoch)
   return jax.eval_shape(make_state)
 
 

@@ -32,7 +32,7 @@ import ml_collections
 from mma_dfer_jax import audio as audio_lib
 from mma_dfer_jax import checkpoint
 from mma_dfer_jax import cli
-from mma_dfer_jax import cpu_kernels
+from mma_dfer_jax import cpu
 from mma_dfer_jax import labels as labels_lib
 from mma_dfer_jax import train
 from mma_dfer_jax.models import MMADFER
@@ -48,8 +48,8 @@ FORMAT_VERSION = 1
 def portable_model_config(model_config, platforms=PLATFORMS):
   """config.model with the implementations fixed for a single-device module lowered for `platforms`, through XLA's
   own ops (the CPU kernels are custom calls of this package: absent where the artifact runs)."""
-  return cpu_kernels.resolved_model_config(ml_collections.FrozenConfigDict(model_config), tuple(platforms),
-                                           num_devices=1, custom_calls=False)
+  return cpu.resolved_model_config(ml_collections.FrozenConfigDict(model_config), tuple(platforms),
+                                   num_devices=1, custom_calls=False)
 
 
 def probabilities_fn(params, model_config, platforms=PLATFORMS):

@@ -94,8 +94,8 @@ def main(argv):
   folds = _folds(config.dataset) if FLAGS.mode == 'cross_validate' else None
   cli.check_writable_dir(FLAGS.workdir, '--workdir')
   logging.set_verbosity(logging.WARNING)
-  from mma_dfer_jax import host_memory  # pylint: disable=import-outside-toplevel
-  host_memory.configure(config)  # before JAX starts its CPU client
+  from mma_dfer_jax import cpu  # pylint: disable=import-outside-toplevel
+  cpu.prepare_host(config)  # before JAX starts its CPU client
   initialize_distributed()
   import jax  # pylint: disable=import-outside-toplevel
   cli.check_config(config, jax.device_count(), jax.process_count())

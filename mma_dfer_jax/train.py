@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mma_dfer_jax import cpu_kernels
+from mma_dfer_jax import cpu
+from mma_dfer_jax import sharding
 from mma_dfer_jax.models import MMADFER
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
@@ -122,8 +123,8 @@ class TrainState:
 
 def create_train_state(config, params, steps_per_epoch=None, platforms=None) -> TrainState:
   # The attention/matmul implementations are fixed here for the platform(s) the steps are compiled for (default:
-  # this host's backend and device count), not picked from the tracing host (cpu_kernels.resolve_implementations).
-  model = MMADFER(ml_collections.FrozenConfigDict(cpu_kernels.resolved_model_config(config.model, platforms)))
+  # this host's backend and device count), not picked from the tracing host (cpu.implementations).
+  model = MMADFER(ml_collections.FrozenConfigDict(cpu.resolved_model_config(config.model, platforms)))
   tx = optimizer(config, steps_per_epoch)
   # A copy: the step donates the state's buffers, which must not invalidate the caller's `params`.
   params = device_params(params, config.model.dtype)
@@ -204,18 +205,46 @@ def _train_step(state: TrainState, batch, rng):
   return new_state, metrics
 
 
-# The state is donated: parameters and optimizer state are updated in place on the device.
-train_step = jax.jit(_train_step, donate_argnums=0)
-train_step.__doc__ = """`(state, batch, rng) -> (state, metrics)`; `metrics['loss']` is the mean cross-entropy of
-the batch under the parameters before the update. `batch`: `video` (N,T,H,W,3) uint8 or float, `audio`, `label`."""
-
-
 def _eval_logits(state: TrainState, batch):
   video, audio = to_model_inputs(batch)
   return state.model.apply({'params': state.params}, video, audio, train=False)
 
 
-eval_step = jax.jit(_eval_logits)
+# ---------------------------------------------------------------------------------------------------------------
+# The one place each step is jitted.
+
+def jit_train_step(state=None, mesh=None):
+  """The jitted `(state, batch, rng) -> (state, metrics)`; the state is donated (parameters and optimizer state are
+  updated in place on the device). With a `mesh` (and the `state`, or its `jax.eval_shape`, for its structure): the
+  training shardings, the batch split over the data axis, state and metrics replicated."""
+  if mesh is None:
+    return jax.jit(_train_step, donate_argnums=0)
+  state_sh, batch_sh, repl = _shardings(state, mesh)
+  return jax.jit(_train_step, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+                 donate_argnums=0)
+
+
+def jit_eval_step(state=None, mesh=None, outputs=None):
+  """The jitted `(state, batch) -> outputs(logits, batch)` of the eval forward pass (`outputs` default: the logits
+  alone). With a `mesh`, as `jit_train_step`: the batch split over the data axis, the outputs replicated."""
+  def step(state, batch):
+    logits = _eval_logits(state, batch)
+    return logits if outputs is None else outputs(logits, batch)
+  if mesh is None:
+    return jax.jit(step)
+  state_sh, batch_sh, repl = _shardings(state, mesh)
+  return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=repl)
+
+
+def _shardings(state, mesh):
+  return sharding.state_sharding(state, mesh), sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+
+train_step = jit_train_step()
+train_step.__doc__ = """`(state, batch, rng) -> (state, metrics)`; `metrics['loss']` is the mean cross-entropy of
+the batch under the parameters before the update. `batch`: `video` (N,T,H,W,3) uint8 or float, `audio`, `label`."""
+
+eval_step = jit_eval_step()
 
 
 def trainable_l2(params) -> jax.Array:

@@ -8,7 +8,7 @@ from conftest import ROOT
 
 from configs import dfew
 from mma_dfer_jax import bench
-from mma_dfer_jax.models import vit
+from mma_dfer_jax import cpu
 
 TINY = ['--config.model.width=32', '--config.model.depth=6', '--config.model.num_heads=2',
         '--config.model.mlp_dim=64', '--config.model.img_size=32', '--config.model.num_frames=4',
@@ -35,7 +35,11 @@ def test_main_prints_one_sane_json_line(capsys):
   assert record['peak_memory_bytes'] > 0 and record['memory_source']
   assert record['model']['width'] == 32 and record['model']['depth'] == 6
   assert record['cpu_keep_freed_memory'] is False
-  assert record['kernels'] == vit.resolved_impls(dfew.get_config().model)
+  assert record['kernels'] == cpu.implementations(dfew.get_config().model).names
+  # The machine's matmul limit in the same run, and the step's model FLOP/s against it.
+  assert record['sgemm_gflops'] > 0 and record['sgemm_shape'] == [3248, 768, 3072]
+  expected = record['flops_analytic_per_step'] / record['step_time_s'] / (record['sgemm_gflops'] * 1e9)
+  assert abs(record['achieved_over_sgemm'] - expected) < 1e-9 * expected
 
   # XLA counts what the step computes (the scan unrolled, elementwise ops too); the analytic count is the
   # matmuls alone. On this tiny model they agree within a small factor.
@@ -57,6 +61,12 @@ def test_analytic_flops_at_the_papers_size():
   assert train['per_step'] == 8 * (train['forward_per_clip'] + train['backward_per_clip'])
 
 
+def test_sgemm_gflops_counts_two_flops_per_multiply_add(monkeypatch):
+  ticks = iter([0.0, 0.5, 1.0, 3.0])   # two timed calls of 0.5 s and 2 s: the median 1.25 s
+  monkeypatch.setattr(bench.time, 'perf_counter', lambda: next(ticks))
+  assert bench.sgemm_gflops((8, 4, 2), repeats=2) == 2 * 8 * 4 * 2 / 1.25 / 1e9
+
+
 def test_peak_table():
   class Device:
     def __init__(self, platform, kind):
@@ -75,7 +85,7 @@ def test_einsum_attention_matches_the_default():
   import jax.numpy as jnp
   from mma_dfer_jax.models import vit
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 32))
-  default, einsum = vit.Attention(4), vit.Attention(4, attention_impl='einsum')
+  default, einsum = vit.Attention(4), vit.Attention(4, ops=cpu.Implementations('einsum', 'xla'))
   params = default.init(jax.random.PRNGKey(1), x)
   assert jnp.allclose(default.apply(params, x), einsum.apply(params, x), atol=1e-5, rtol=1e-5)
   grads = [jax.grad(lambda p, m=m: (m.apply(p, x) ** 2).sum())(params) for m in (default, einsum)]
@@ -130,7 +140,7 @@ def test_reference_steps_interleave_with_ours(tmp_path, capsys):
 
 
 def test_reference_timing_refuses_shapes_the_tool_cannot_build():
-  from mma_dfer_jax import reference_timing
+  from mma_dfer_jax.cpu import reference_timing
   config = dfew.get_config().model
   config.num_frames = 8
   with pytest.raises(ValueError, match='num_frames=8'):

@@ -1,4 +1,5 @@
-"""The fused CPU attention kernel (csrc/cpu_kernels.cc) against the einsum attention, and its build fallback."""
+"""The CPU kernels (mma_dfer_jax/cpu/csrc/cpu_kernels.cc) against XLA's ops, their build fallback, and the
+implementation choice the model's blocks ask."""
 import os
 import subprocess
 import sys
@@ -9,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mma_dfer_jax import cpu_kernels
+from configs import common
+from mma_dfer_jax import cpu
+from mma_dfer_jax.cpu import choice
+from mma_dfer_jax.cpu import kernels as cpu_kernels
 from mma_dfer_jax.models import vit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +30,7 @@ def kernel():
 def _einsum_reference(qkv):
   """The einsum attention over any leading dimensions."""
   flat = qkv.reshape((-1,) + qkv.shape[-4:])
-  return vit._einsum_attention(flat).reshape(qkv.shape[:-3] + qkv.shape[-2:])
+  return choice.einsum_attention(flat).reshape(qkv.shape[:-3] + qkv.shape[-2:])
 
 
 # Lengths that are and are not multiples of the micro-kernel's 6 rows and 16 columns, head sizes under, at and over
@@ -54,11 +58,12 @@ def test_under_jit_vmap_and_scan():
 
 def test_is_the_default_attention_on_cpu_in_float32_only():
   x = jax.random.normal(jax.random.key(0), (2, 11, 32))
-  fused, einsum = vit.Attention(4), vit.Attention(4, attention_impl='einsum')
+  fused, einsum = vit.Attention(4), vit.Attention(4, ops=cpu.Implementations('einsum', 'xla'))
   params = fused.init(jax.random.key(1), x)
   np.testing.assert_allclose(fused.apply(params, x), einsum.apply(params, x), rtol=1e-5, atol=1e-5)
-  assert vit._default_attention_impl(jnp.float32) == 'cpu_fused'
-  assert vit._default_attention_impl(jnp.bfloat16) == 'einsum'
+  assert cpu.implementations(dtype=jnp.float32) == cpu.Implementations('cpu_fused', 'openblas')
+  assert cpu.implementations(dtype=jnp.bfloat16) == cpu.Implementations('einsum', 'xla')
+  assert 'mma_dfer_attention_forward' in str(jax.make_jaxpr(lambda p: fused.apply(p, x))(params))
 
 
 def test_library_is_cached_per_machine():
@@ -70,10 +75,11 @@ def test_without_a_working_compiler_the_model_falls_back_to_einsum(tmp_path):
   """A compiler that fails: one warning naming the reason, the einsum attention, the same numbers."""
   script = (
       'import jax, jax.numpy as jnp\n'
+      'from mma_dfer_jax import cpu\n'
       'from mma_dfer_jax.models import vit\n'
       'x = jnp.ones((1, 5, 8))\n'
       'm = vit.Attention(2)\n'
-      'print(m.apply(m.init(jax.random.key(0), x), x).sum(), vit._default_attention_impl(jnp.float32))\n')
+      'print(m.apply(m.init(jax.random.key(0), x), x).sum(), cpu.implementations().attention_impl)\n')
   env = dict(os.environ, CXX='false', JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
              **{cpu_kernels.CACHE_ENV: str(tmp_path)})
   result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, check=True)
@@ -129,15 +135,17 @@ def test_remat_keeps_kernel_outputs_instead_of_running_them_again():
 
 
 def test_unknown_matmul_impl_is_an_error():
-  with pytest.raises(ValueError, match='matmul_impl'):
-    vit.Mlp(8, matmul_impl='mkl').init(jax.random.key(0), jnp.ones((1, 2, 4)))
+  model = common.model_config(7)
+  model.matmul_impl = 'mkl'
+  with pytest.raises(ValueError, match="model.matmul_impl='mkl'"):
+    cpu.implementations(model)
 
 
 def test_a_mesh_of_several_devices_keeps_xlas_own_ops():
   """XLA's partitioner would run a custom call whole on every device, so sharded runs use XLA's attention/matmuls."""
   script = ('from configs import common\n'
-            'from mma_dfer_jax.models import vit\n'
-            'print(vit.resolved_impls(common.model_config(7)))\n')
+            'from mma_dfer_jax import cpu\n'
+            'print(cpu.implementations(common.model_config(7)).names)\n')
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
   result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, check=True)
@@ -146,8 +154,34 @@ def test_a_mesh_of_several_devices_keeps_xlas_own_ops():
 
 def test_cpu_kernels_asked_for_on_another_backend_are_a_clear_error(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  model = common.model_config(7)
+  model.update(attention_impl='', matmul_impl='openblas')
   with pytest.raises(ValueError, match="model.matmul_impl='openblas' runs on CPU only"):
-    cpu_kernels.dense_dot_general('openblas', jnp.float32)
+    cpu.implementations(model)
+  model.update(attention_impl='cpu_fused', matmul_impl='xla')
   with pytest.raises(ValueError, match="model.attention_impl='cpu_fused' runs on CPU only"):
-    vit.Attention(2, attention_impl='cpu_fused', matmul_impl='xla').init(jax.random.key(0), jnp.ones((1, 3, 8)))
-  assert cpu_kernels.dense_dot_general('', jnp.float32) is None   # the default simply picks XLA there
+    cpu.implementations(model)
+  assert cpu.implementations(dtype=jnp.float32) == cpu.Implementations('xla', 'xla')  # the default picks XLA there
+  assert cpu.Implementations('xla', 'xla').dot_general is None
+
+
+def test_the_models_blocks_run_the_chosen_implementations():
+  """One choice for the whole model (`cpu.implementations`), passed to every block: the kernels' custom calls
+  appear in the traced model exactly where the choice names them."""
+  from mma_dfer_jax import models
+  from mma_dfer_jax.models import MMADFER
+  sizes = dict(width=32, depth=6, num_heads=2, mlp_dim=64, img_size=32, num_frames=2, audio_frames=32,
+               audio_mels=32, fusion_width=16)
+  model = common.model_config(7)
+  model.update(sizes)
+  params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+
+  def traced(attention_impl, matmul_impl):
+    model.update(attention_impl=attention_impl, matmul_impl=matmul_impl)
+    return str(jax.make_jaxpr(lambda p, v, a: MMADFER(model).apply({'params': p}, v, a))(
+        params, *models.dummy_inputs(model)))
+  assert {t for t in (cpu_kernels.FORWARD_TARGET, cpu_kernels.MATMUL_TARGET) if t in traced('', '')} == \
+      {cpu_kernels.FORWARD_TARGET, cpu_kernels.MATMUL_TARGET}
+  only_matmuls = traced('einsum', 'openblas')
+  assert cpu_kernels.MATMUL_TARGET in only_matmuls and cpu_kernels.FORWARD_TARGET not in only_matmuls
+  assert 'mma_dfer_' not in traced('xla', 'xla')

@@ -15,9 +15,11 @@ import pytest
 from configs import common
 from configs import demo
 from mma_dfer_jax import checkpoint
-from mma_dfer_jax import cpu_kernels
 from mma_dfer_jax import export
+from mma_dfer_jax import models
 from mma_dfer_jax import train
+from mma_dfer_jax.cpu import choice
+from mma_dfer_jax.cpu import kernels as cpu_kernels
 from mma_dfer_jax.models import MMADFER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,42 +41,36 @@ def ours(targets) -> set:
 def test_resolve_implementations_follows_the_target_not_the_host():
   model = common.model_config(7)
   kernels = cpu_kernels.available()
-  cpu_one = cpu_kernels.resolve_implementations(model, 'cpu', 1)
+  cpu_one = choice.resolve(model, 'cpu', 1)
   assert cpu_one == ({'attention_impl': 'cpu_fused', 'matmul_impl': 'openblas'} if kernels else
                      {'attention_impl': 'einsum', 'matmul_impl': 'xla'})
-  assert cpu_kernels.resolve_implementations(model, 'cpu', 8) == {'attention_impl': 'einsum', 'matmul_impl': 'xla'}
-  assert cpu_kernels.resolve_implementations(model, ACCELERATORS, 1) == {'attention_impl': 'xla', 'matmul_impl': 'xla'}
-  assert cpu_kernels.resolve_implementations(model, ('cpu', 'cuda', 'tpu'), 1) == {'attention_impl': 'einsum',
-                                                                                  'matmul_impl': 'xla'}
+  assert choice.resolve(model, 'cpu', 8) == {'attention_impl': 'einsum', 'matmul_impl': 'xla'}
+  assert choice.resolve(model, ACCELERATORS, 1) == {'attention_impl': 'xla', 'matmul_impl': 'xla'}
+  assert choice.resolve(model, ('cpu', 'cuda', 'tpu'), 1) == {'attention_impl': 'einsum', 'matmul_impl': 'xla'}
   model.dtype = 'bfloat16'
-  assert cpu_kernels.resolve_implementations(model, 'cpu', 1) == {'attention_impl': 'einsum', 'matmul_impl': 'xla'}
+  assert choice.resolve(model, 'cpu', 1) == {'attention_impl': 'einsum', 'matmul_impl': 'xla'}
   # Explicit choices stay; a CPU kernel asked for an accelerator is a clear error, and a portable module swaps it.
   model.update(dtype='float32', attention_impl='cpu_fused', matmul_impl='openblas')
   with pytest.raises(ValueError, match="model.attention_impl='cpu_fused' runs on CPU only.*cuda, tpu"):
-    cpu_kernels.resolve_implementations(model, ACCELERATORS, 1)
-  assert cpu_kernels.resolve_implementations(model, 'tpu', 1, custom_calls=False) == {'attention_impl': 'einsum',
-                                                                                      'matmul_impl': 'xla'}
+    choice.resolve(model, ACCELERATORS, 1)
+  assert choice.resolve(model, 'tpu', 1, custom_calls=False) == {'attention_impl': 'einsum', 'matmul_impl': 'xla'}
   model.update(attention_impl='cudnn', matmul_impl='xla')
-  assert cpu_kernels.resolve_implementations(model, 'cuda', 1) == {'attention_impl': 'cudnn', 'matmul_impl': 'xla'}
+  assert choice.resolve(model, 'cuda', 1) == {'attention_impl': 'cudnn', 'matmul_impl': 'xla'}
   model.attention_impl = 'flash'
   with pytest.raises(ValueError, match='model.attention_impl'):
-    cpu_kernels.resolve_implementations(model, 'cuda', 1)
+    choice.resolve(model, 'cuda', 1)
 
 
-def test_resolved_model_config_keeps_its_type_and_fills_absent_keys():
-  model = common.model_config(7)
-  del model['matmul_impl']  # a config saved before the setting existed
-  resolved = cpu_kernels.resolved_model_config(ml_collections.FrozenConfigDict(model), 'tpu', 1)
+def test_resolved_model_config_keeps_its_type_and_leaves_the_callers_config():
+  model = common.model_config(7)  # (a config saved before the settings existed gets them where it is loaded)
+  resolved = choice.resolved_model_config(ml_collections.FrozenConfigDict(model), 'tpu', 1)
   assert isinstance(resolved, ml_collections.FrozenConfigDict)
   assert (resolved.attention_impl, resolved.matmul_impl) == ('xla', 'xla')
   assert model.attention_impl == ''  # the caller's config is untouched
 
 
 def _abstract_state(config, platforms):
-  c = config.model
-  video = jax.ShapeDtypeStruct((1, c.num_frames, c.img_size, c.img_size, 3), jnp.float32)
-  audio = jax.ShapeDtypeStruct((1, c.audio_frames, c.audio_mels), jnp.float32)
-  params = jax.eval_shape(MMADFER(c).init, jax.random.key(0), video, audio)['params']
+  params = jax.eval_shape(lambda: models.init_params(config.model, jax.random.key(0)))
   return jax.eval_shape(lambda p: train.create_train_state(config, p, platforms=platforms), params)
 
 
@@ -91,7 +87,7 @@ def test_a_step_compiled_for_accelerators_on_a_one_cpu_host_has_no_cpu_kernels()
   config = demo.get_config()
   rng = jax.eval_shape(lambda: jax.random.key(0))
   batch = _batch_specs(config.model, 2)
-  step = jax.jit(train._train_step)  # pylint: disable=protected-access
+  step = train.jit_train_step()
   host = step.lower(_abstract_state(config, None), batch, rng).as_text()
   assert ours(custom_call_targets(host)) == {cpu_kernels.FORWARD_TARGET, cpu_kernels.BACKWARD_TARGET,
                                              cpu_kernels.MATMUL_TARGET}
@@ -105,8 +101,7 @@ import json, re, sys
 import jax, jax.numpy as jnp
 sys.path.insert(0, sys.argv[1])
 from configs import dfew
-from mma_dfer_jax import experiment, sharding, train
-from mma_dfer_jax.models import MMADFER
+from mma_dfer_jax import experiment, models, sharding, train
 
 platforms = ('cuda', 'tpu')
 sds = jax.ShapeDtypeStruct
@@ -117,8 +112,7 @@ for dtype in ('float32', 'bfloat16'):
   c = config.model
   mesh = sharding.make_mesh(config)
   frames = (c.num_frames, c.img_size, c.img_size, 3)
-  params = jax.eval_shape(MMADFER(c).init, jax.random.key(0), sds((1, *frames), jnp.float32),
-                          sds((1, c.audio_frames, c.audio_mels), jnp.float32))['params']
+  params = jax.eval_shape(lambda: models.init_params(c, jax.random.key(0)))
   state = jax.eval_shape(lambda p: train.create_train_state(config, p, platforms=platforms), params)
   train_step, eval_step = experiment.compiled_steps(state, mesh)
   n = config.batch_size

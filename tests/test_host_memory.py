@@ -1,4 +1,5 @@
-"""glibc keeps freed memory for reuse once host_memory says so, where there is room, with a guard against growth.
+"""glibc keeps freed memory for reuse once cpu/host_memory says so, where there is room, with a guard against
+growth; the CPU step hook the training loop calls drives it.
 
 The glibc cases run in fresh processes, as the settings are global."""
 import platform
@@ -14,7 +15,7 @@ from conftest import ROOT
 _PROBE = r'''
 import ctypes, resource, sys
 sys.path.insert(0, sys.argv[1])
-from mma_dfer_jax import host_memory
+from mma_dfer_jax.cpu import host_memory
 if sys.argv[2] == 'keep':
   assert host_memory.keep_freed_memory()
 if sys.argv[2] == 'late':  # as in training: one heap from the start, freed memory kept once threads run
@@ -66,7 +67,7 @@ def test_freed_memory_kept_from_a_later_moment_in_another_thread():
 
 def test_configure_follows_the_setting_and_the_platform(monkeypatch):
   import ml_collections
-  from mma_dfer_jax import host_memory
+  from mma_dfer_jax.cpu import host_memory
   monkeypatch.setattr(host_memory, 'single_heap', lambda: True)
   on, off = (ml_collections.ConfigDict({'cpu_keep_freed_memory': v}) for v in (True, False))
   monkeypatch.setattr(host_memory, 'requested_platforms', lambda: 'cuda,cpu')
@@ -88,7 +89,7 @@ class _Machine:
     self.calls = []
 
   def keeper(self, prepared=True):
-    from mma_dfer_jax import host_memory
+    from mma_dfer_jax.cpu import host_memory
     return host_memory.StepMemoryKeeper(
         prepared, read_resident=lambda: self.resident, read_peak=lambda: self.peak,
         read_available=lambda: self.available, keep=lambda keep=True: self.calls.append(('keep', keep)) or True,
@@ -149,7 +150,31 @@ def test_keeper_does_nothing_unless_prepared():
 
 
 def test_readings_of_this_process_are_plausible():
-  from mma_dfer_jax import host_memory
+  from mma_dfer_jax.cpu import host_memory
   resident = host_memory.resident_bytes()
   assert 10 * 2 ** 20 < resident <= host_memory.peak_resident_bytes() * 1.01
   assert host_memory.available_bytes() > 0
+
+
+def test_the_step_hook_waits_for_a_step_only_where_the_keeper_decides(monkeypatch):
+  """The training loop's one call, `hook.after_step(outputs)`: it blocks on the outputs once (the keeper's first
+  decision reads the finished step's memory), never after; the benchmark's record reads its summary."""
+  import jax
+  from mma_dfer_jax import cpu
+  machine = _Machine(peak=6 * GB, resident=2 * GB, available=18 * GB)
+  waited = []
+  monkeypatch.setattr(jax, 'block_until_ready', waited.append)
+  hook = cpu.step_hook()
+  hook._keeper = machine.keeper()  # pylint: disable=protected-access
+  for step in range(3):
+    hook.after_step(f'outputs of step {step}')
+  assert waited == ['outputs of step 0'] and machine.calls == [('keep', True)]
+  assert hook.summary() == {'cpu_keep_freed_memory': True, 'cpu_freed_memory_trims': 0}
+
+  class Compiled:  # XLA's memory analysis of a compiled step: the keeper decides before the first step
+    def memory_analysis(self):
+      return type('Analysis', (), {'temp_size_in_bytes': 4 * GB})()
+  hook._keeper = _Machine(peak=1 * GB, resident=1 * GB, available=12 * GB).keeper()  # pylint: disable=protected-access
+  hook.before_first_step(Compiled())
+  hook.after_step('first step')
+  assert waited == ['outputs of step 0'] and hook.summary()['cpu_keep_freed_memory'] is False

@@ -6,7 +6,8 @@ import pytest
 from conftest import small_model_config
 
 from mma_dfer_jax import convert
-from mma_dfer_jax import cpu_kernels
+from mma_dfer_jax.cpu import kernels
+from mma_dfer_jax import models
 from mma_dfer_jax.models import MMADFER
 from mma_dfer_jax.models import mma_dfer
 
@@ -116,7 +117,7 @@ def test_depth_not_multiple_of_six_is_an_error():
                                               ('dots_with_no_batch_dims_saveable', 'cpu_fused')])
 def test_remat_and_cpu_kernels_compute_the_same_function(policy, attention):
   """Remat (with either policy) and the CPU attentions against keeping every activation and XLA attention."""
-  if attention == 'cpu_fused' and not cpu_kernels.available():
+  if attention == 'cpu_fused' and not kernels.available():
     pytest.skip('the fused CPU attention kernel could not be built here (no C++ compiler)')
   sizes = dict(width=32, depth=6, num_heads=2, mlp_dim=64, img_size=32, num_frames=2, audio_frames=32,
                audio_mels=32, fusion_width=16, drop_path_rate=0.0)
@@ -138,6 +139,19 @@ def test_remat_and_cpu_kernels_compute_the_same_function(policy, attention):
   np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_dummy_inputs_and_init_params_follow_the_config():
+  """The one helper that builds inputs for initialising and tracing: the config's shapes, any batch; the
+  parameters it initialises are those the model's own init gives (checked by shape, nothing computed)."""
+  config = small_model_config(img_size=32, num_frames=4, audio_frames=64, audio_mels=32)
+  video, audio = models.dummy_inputs(config, batch=3)
+  assert video.shape == (3, 4, 32, 32, 3) and audio.shape == (3, 64, 32)
+  assert video.dtype == audio.dtype == jnp.float32
+  shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
+  direct = jax.eval_shape(MMADFER(config).init, jax.random.key(0), *models.dummy_inputs(config))['params']
+  assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, direct)
+  assert shapes['vision']['embed']['pos_embed'].shape == (1, 1 + 4 + 3 * 2, config.width)
 
 
 def test_unknown_remat_policy_is_an_error():

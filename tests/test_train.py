@@ -1,13 +1,13 @@
 """The train step against the reference's two AdamW steps, and what freezing and accumulation must guarantee."""
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import small_model_config
 
 from configs import dfew
 from mma_dfer_jax import convert
+from mma_dfer_jax import models
 from mma_dfer_jax import train
 
 
@@ -146,7 +146,7 @@ def tiny_setup(batch_size=4, **overrides):
   batch = {'video': np.asarray(jax.random.randint(key, (batch_size, c.num_frames, 32, 32, 3), 0, 256), np.uint8),
            'audio': np.asarray(jax.random.normal(key, (batch_size, c.audio_frames, c.audio_mels))),
            'label': np.arange(batch_size) % c.num_classes}
-  params = jax.jit(train.MMADFER(c).init)(key, batch['video'][:1] / 255.0, batch['audio'][:1])['params']
+  params = models.init_params(c, key)
   return config, params, batch
 
 

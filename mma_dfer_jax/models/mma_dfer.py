@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mma_dfer_jax import cpu_kernels
+from mma_dfer_jax import cpu
 from mma_dfer_jax.models import adapters
 from mma_dfer_jax.models import initializers
 from mma_dfer_jax.models import temporal
@@ -25,8 +25,8 @@ MODALITIES = ('audio_video', 'video', 'audio')  # model.modalities: the paper's 
 
 
 def modalities(model_config) -> str:
-  """model.modalities, checked; 'audio_video' for configs saved before the key existed."""
-  value = model_config.get('modalities', 'audio_video')
+  """model.modalities, checked (configs saved before the key existed get 'audio_video' where they are loaded)."""
+  value = model_config.modalities
   if value not in MODALITIES:
     raise ValueError(f'model.modalities={value!r}: use one of {", ".join(MODALITIES)}')
   return value
@@ -58,14 +58,14 @@ def remat_policy(name: str):
   'dots_with_no_batch_dims_saveable') and the einsum attention's probabilities, so that the backward pass does not
   recompute the attention scores and softmax (more memory, fewer FLOPs).
 
-  Except under 'nothing_saveable', the outputs of the CPU kernels (cpu_kernels.py) are kept too: the weight
-  matmuls' as XLA's own dots are, and the fused attention's, which its backward pass reads (recomputing them would
-  run the forward kernel a second time to save a few MB per layer).
+  Except under 'nothing_saveable', what the attention and matmul implementations mark as outputs is kept too (the
+  CPU kernels': the weight matmuls' as XLA's own dots are, and the fused attention's, which its backward pass reads;
+  recomputing them would run the forward kernel a second time to save a few MB per layer).
   """
   policies = jax.checkpoint_policies
   if name == 'dots_and_attention_probs':
     policy = policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable,
-                                              policies.save_only_these_names(vit.ATTENTION_PROBS))
+                                              cpu.Implementations.probs_saveable)
   else:
     policy = None if name.startswith('_') else getattr(policies, name, None)
     if policy is None:
@@ -73,7 +73,7 @@ def remat_policy(name: str):
                        'jax.checkpoint_policies')
   if name == 'nothing_saveable':
     return policy
-  return policies.save_from_both_policies(policy, cpu_kernels.outputs_saveable)
+  return policies.save_from_both_policies(policy, cpu.Implementations.outputs_saveable)
 
 
 def drop_path_rates(model_config) -> np.ndarray:
@@ -111,17 +111,17 @@ class LockstepLayer(nn.Module):
   num_frames: int
   train: bool
   dtype: object
+  ops: cpu.Implementations  # the blocks' attention and matmuls, resolved once for the model
 
   @nn.compact
   def __call__(self, carry, per_layer):
     xv, xa = carry
     drop_rate, vision_prompt_update, audio_prompt_update = per_layer
     c = self.model_config
-    matmul_impl = c.get('matmul_impl', '')  # absent from configs saved before it existed
-    block = functools.partial(vit.EncoderBlock, c.num_heads, c.mlp_dim, self.dtype, c.attention_impl, matmul_impl)
+    block = functools.partial(vit.EncoderBlock, c.num_heads, c.mlp_dim, self.dtype, self.ops)
     xv = block(name='vision_block')(xv, drop_rate, self.train)
     xa = block(name='audio_block')(xa, drop_rate, self.train)
-    fusion = adapters.FusionAdapter(c.fusion_width, self.num_frames, self.dtype, matmul_impl, name='fusion')
+    fusion = adapters.FusionAdapter(c.fusion_width, self.num_frames, self.dtype, self.ops, name='fusion')
     xv, xa = fusion(xv, xa)
     k = num_prompts(c)
     xv = xv.at[:, -k:].add(vision_prompt_update.astype(xv.dtype))
@@ -136,12 +136,13 @@ class EncoderLayer(nn.Module):
   encoder: str  # 'vision' or 'audio': names the block as the audio-visual model does, so paths match
   train: bool
   dtype: object
+  ops: cpu.Implementations
 
   @nn.compact
   def __call__(self, x, per_layer):
     drop_rate, prompt_update = per_layer
     c = self.model_config
-    x = vit.EncoderBlock(c.num_heads, c.mlp_dim, self.dtype, c.attention_impl, c.get('matmul_impl', ''),
+    x = vit.EncoderBlock(c.num_heads, c.mlp_dim, self.dtype, self.ops,
                          name=f'{self.encoder}_block')(x, drop_rate, self.train)
     return x.at[:, -num_prompts(c):].add(prompt_update.astype(x.dtype)), None
 
@@ -154,7 +155,7 @@ def _scanned(layer, model_config, *args):
     layer = nn.remat(layer, prevent_cse=False, policy=remat_policy(c.remat_policy))
   scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                     in_axes=0, length=c.depth, unroll=c.scan_unroll)
-  return scanned(c, *args, name='layers')
+  return scanned(c, *args, cpu.implementations(c), name='layers')  # the implementation choice, made once
 
 
 def _final_cls(x, name, dtype):

@@ -7,13 +7,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
-from mma_dfer_jax import cpu_kernels
+from mma_dfer_jax import cpu
 from mma_dfer_jax.models.initializers import scaled_normal
 
 VIT_LN_EPS = 1e-6
-ATTENTION_PROBS = 'attention_probs'  # checkpoint name of the einsum attention's softmax output
 Dtype = Any
 
 
@@ -29,67 +27,37 @@ def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:
   return jnp.where(keep, (x.astype(jnp.float32) / keep_prob).astype(x.dtype), jnp.zeros_like(x))
 
 
-def _einsum_attention(qkv: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v with heads moved next to the batch: (B, L, 3, H, d) -> (B, L, H, d).
-
-  On XLA:CPU this runs the attention of a train step about twice as fast as `jax.nn.dot_product_attention`,
-  whose (B, L, H, d) layout becomes strided batched matmuls there (BENCHMARKS.md).
-  """
-  q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))   # each (B, H, L, d)
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q * q.shape[-1] ** -0.5, k)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)  # float32 softmax, as the default
-  probs = checkpoint_name(probs, ATTENTION_PROBS)  # a remat policy may keep these (models/mma_dfer.py)
-  out = jnp.einsum('bhqk,bhkd->bhqd', probs, v)
-  return jnp.swapaxes(out, 1, 2)
-
-
-def _default_attention_impl(dtype: Dtype) -> str:
-  """For a config left at '' (a model built outside `train.create_train_state`): the choice for this host's backend
-  and device count (`cpu_kernels.default_implementations`)."""
-  return cpu_kernels.default_implementations(dtype)['attention_impl']
-
-
-def resolved_impls(model_config, platforms=None) -> dict[str, str]:
-  """What the encoder blocks run when compiled for `platforms` (default: this host's backend):
-  {'attention': ..., 'matmul': ...} (recorded by the benchmark)."""
-  chosen = cpu_kernels.resolve_implementations(model_config, platforms)
-  return {'attention': chosen['attention_impl'], 'matmul': chosen['matmul_impl']}
+def _implementations(ops, dtype):
+  """The blocks' attention and matmuls: `ops` as given (the model resolves them once, `cpu.implementations`), or
+  for a block built on its own this host's automatic choice for `dtype`."""
+  return ops if ops is not None else cpu.implementations(dtype=dtype)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with one fused qkv projection (with bias), as timm's ViT."""
   num_heads: int
   dtype: Dtype = jnp.float32
-  attention_impl: str = ''
-  matmul_impl: str = ''
+  ops: cpu.Implementations | None = None
 
   @nn.compact
   def __call__(self, x):
     batch, length, width = x.shape
     head_dim = width // self.num_heads
-    dot_general = cpu_kernels.dense_dot_general(self.matmul_impl, self.dtype)
-    qkv = nn.Dense(3 * width, dtype=self.dtype, dot_general=dot_general, name='qkv')(x)
-    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-    impl = self.attention_impl or _default_attention_impl(self.dtype)
-    cpu_kernels.require_cpu('model.attention_impl', impl, 'cpu_fused')
-    if impl == 'cpu_fused':
-      out = cpu_kernels.attention(qkv.astype(jnp.float32)).astype(qkv.dtype)
-    elif impl == 'einsum':
-      out = _einsum_attention(qkv)
-    else:
-      q, k, v = jnp.split(qkv, 3, axis=2)
-      out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], implementation=impl)
-    return nn.Dense(width, dtype=self.dtype, dot_general=dot_general, name='proj')(out.reshape(batch, length, width))
+    ops = _implementations(self.ops, self.dtype)
+    qkv = nn.Dense(3 * width, dtype=self.dtype, dot_general=ops.dot_general, name='qkv')(x)
+    out = ops.attention(qkv.reshape(batch, length, 3, self.num_heads, head_dim))
+    return nn.Dense(width, dtype=self.dtype, dot_general=ops.dot_general,
+                    name='proj')(out.reshape(batch, length, width))
 
 
 class Mlp(nn.Module):
   hidden_dim: int
   dtype: Dtype = jnp.float32
-  matmul_impl: str = ''
+  ops: cpu.Implementations | None = None
 
   @nn.compact
   def __call__(self, x):
-    dot_general = cpu_kernels.dense_dot_general(self.matmul_impl, self.dtype)
+    dot_general = _implementations(self.ops, self.dtype).dot_general
     h = nn.Dense(self.hidden_dim, dtype=self.dtype, dot_general=dot_general, name='fc1')(x)
     h = nn.gelu(h, approximate=False)
     return nn.Dense(x.shape[-1], dtype=self.dtype, dot_general=dot_general, name='fc2')(h)
@@ -100,8 +68,7 @@ class EncoderBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
-  attention_impl: str = ''
-  matmul_impl: str = ''
+  ops: cpu.Implementations | None = None
 
   @nn.compact
   def __call__(self, x, drop_rate, train: bool):
@@ -111,9 +78,9 @@ class EncoderBlock(nn.Module):
       return branch
 
     h = nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=self.dtype, name='norm1')(x)
-    x = x + residual(Attention(self.num_heads, self.dtype, self.attention_impl, self.matmul_impl, name='attn')(h))
+    x = x + residual(Attention(self.num_heads, self.dtype, self.ops, name='attn')(h))
     h = nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=self.dtype, name='norm2')(x)
-    return x + residual(Mlp(self.mlp_dim, self.dtype, self.matmul_impl, name='mlp')(h))
+    return x + residual(Mlp(self.mlp_dim, self.dtype, self.ops, name='mlp')(h))
 
 
 class TokenEmbedding(nn.Module):

@@ -10,7 +10,8 @@
 
 The library is compiled once per machine into a cache folder (MMA_DFER_JAX_CACHE, else ~/.cache/mma_dfer_jax),
 keyed by its source, the compiler, jaxlib's and OpenBLAS's versions and the CPU, and loaded as XLA FFI targets.
-Where it cannot be built, `available()` is False, the reason is logged once, and the model uses XLA's own ops.
+Where it cannot be built, `available()` is False, the reason is logged once, and `implementations` picks XLA's own
+ops instead.
 """
 import ctypes
 import functools
@@ -192,108 +193,3 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return matmul(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type)
-
-
-def dense_dot_general(matmul_impl: str, dtype):
-  """The `dot_general` for a Dense layer: this module's (OpenBLAS) on CPU in float32 unless 'xla' is asked, else
-  None (Flax's default, XLA's dot)."""
-  _check_choice('model.matmul_impl', matmul_impl, MATMUL_IMPLS)
-  require_cpu('model.matmul_impl', matmul_impl, 'openblas')
-  if matmul_impl == 'openblas' or (not matmul_impl and suited(dtype)):
-    return dot_general  # itself falls back to XLA where the kernels could not be built
-  return None
-
-
-def require_cpu(setting: str, value: str, cpu_only_value: str) -> None:
-  """A clear error for a CPU kernel asked for on another backend (it would fail later, deep in XLA's compiler)."""
-  if value == cpu_only_value and jax.default_backend() != 'cpu':
-    raise ValueError(f'{setting}={value!r} runs on CPU only, and JAX is on {jax.default_backend()}: leave it empty '
-                     '(the default picks per backend)')
-
-
-def suited(dtype) -> bool:
-  """Whether the kernels are the default on this host: float32 on a single CPU device (see `kernels_suited`)."""
-  return kernels_suited((jax.default_backend(),), jax.device_count(), dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The implementations resolved for the platform being compiled for, not the host that traces.
-
-ATTENTION_IMPLS = ('cpu_fused', 'einsum', 'xla', 'cudnn')
-MATMUL_IMPLS = ('xla', 'openblas')
-_CPU_ONLY = {'attention_impl': 'cpu_fused', 'matmul_impl': 'openblas'}
-_PORTABLE = {'cpu_fused': 'einsum', 'openblas': 'xla'}  # the same function through XLA's own ops
-
-
-def kernels_suited(platforms: tuple, num_devices: int, dtype) -> bool:
-  """Whether the kernels are the default: float32 on a single CPU device. XLA's SPMD partitioner does not know these
-  custom calls and would run each one whole on every device of a mesh, so sharded runs keep XLA's own ops; a module
-  lowered for several platforms (or for an accelerator) keeps them too, as the calls exist on CPU only."""
-  return tuple(platforms) == ('cpu',) and num_devices == 1 and jnp.dtype(dtype) == jnp.float32
-
-
-def _check_choice(setting: str, value: str, allowed: tuple) -> None:
-  if value and value not in allowed:
-    raise ValueError(f"{setting}={value!r}: use '' (automatic) or one of {', '.join(map(repr, allowed))}")
-
-
-def _as_platforms(platforms) -> tuple:
-  if platforms is None:
-    return (jax.default_backend(),)
-  return (platforms,) if isinstance(platforms, str) else tuple(platforms)
-
-
-def resolve_implementations(model_config, platforms=None, num_devices: int | None = None,
-                            custom_calls: bool = True) -> dict[str, str]:
-  """The concrete `attention_impl` and `matmul_impl` for compiling `model_config` for `platforms`.
-
-  Args:
-    model_config: config.model; its `attention_impl` / `matmul_impl` ('' = automatic) are kept where given.
-    platforms: the platform the step is compiled for ('cpu', 'cuda', 'rocm', 'tpu', or jax's 'gpu'), or a tuple of
-      them for a module lowered for several (jax.export); None: this host's backend, as before.
-    num_devices: devices the step is partitioned over; None: every device JAX sees.
-    custom_calls: False for a module that must run where this package is absent (the exported model): the CPU
-      kernels' settings become XLA's ops that compute the same function.
-  Returns:
-    {'attention_impl': ..., 'matmul_impl': ...}, never '': the CPU kernels ('cpu_fused', 'openblas') only for a
-    single CPU device in float32 where they could be built (as the defaults always were); otherwise attention
-    'einsum' on CPU (faster there) and 'xla' (jax.nn.dot_product_attention's own default) elsewhere, matmuls 'xla'.
-  Raises:
-    ValueError: an unknown setting, or a CPU kernel asked for explicitly while compiling for another platform.
-  """
-  platforms = _as_platforms(platforms)
-  dtype = jnp.dtype(model_config.dtype)
-  chosen = {'attention_impl': model_config.get('attention_impl', '') or '',
-            'matmul_impl': model_config.get('matmul_impl', '') or ''}  # absent from configs saved before they existed
-  _check_choice('model.attention_impl', chosen['attention_impl'], ATTENTION_IMPLS)
-  _check_choice('model.matmul_impl', chosen['matmul_impl'], MATMUL_IMPLS)
-  for setting, value in chosen.items():
-    if value and value == _CPU_ONLY[setting]:
-      if not custom_calls:
-        chosen[setting] = _PORTABLE[value]
-      elif platforms != ('cpu',):
-        raise ValueError(f'model.{setting}={value!r} runs on CPU only, and the step is compiled for '
-                         f'{", ".join(platforms)}: leave it empty (the default picks per platform)')
-  defaults = default_implementations(dtype, platforms, num_devices, custom_calls)
-  return {setting: value or defaults[setting] for setting, value in chosen.items()}
-
-
-def default_implementations(dtype, platforms=None, num_devices: int | None = None,
-                            custom_calls: bool = True) -> dict[str, str]:
-  """What '' means for `attention_impl` / `matmul_impl` (arguments as for `resolve_implementations`)."""
-  platforms = _as_platforms(platforms)
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  if custom_calls and kernels_suited(platforms, num_devices, dtype) and available():
-    return {'attention_impl': 'cpu_fused', 'matmul_impl': 'openblas'}
-  return {'attention_impl': 'einsum' if 'cpu' in platforms else 'xla', 'matmul_impl': 'xla'}
-
-
-def resolved_model_config(model_config, platforms=None, num_devices: int | None = None, custom_calls: bool = True):
-  """A copy of `model_config` (ConfigDict or FrozenConfigDict, as given) with the implementations of
-  `resolve_implementations` written in, so that tracing no longer depends on the host's backend."""
-  import ml_collections  # pylint: disable=import-outside-toplevel  (only where steps are built)
-  chosen = resolve_implementations(model_config, platforms, num_devices, custom_calls)
-  frozen = isinstance(model_config, ml_collections.FrozenConfigDict)
-  resolved = ml_collections.ConfigDict(model_config.as_configdict() if frozen else model_config.to_dict())
-  resolved.update(chosen)
-  return ml_collections.FrozenConfigDict(resolved) if frozen else resolved
