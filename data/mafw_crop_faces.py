@@ -1,44 +1,40 @@
 """Crop the faces of MAFW's original clips into frame folders, as the reference's extract_faces_mfaw.py did.
 
-  python data/mafw_crop_faces.py --src MAFW/data/clips --dst MAFW/data/clips_faces [--workers 2] [--smooth]
+  python -m data.mafw_crop_faces --src MAFW/data/clips --dst MAFW/clips_faces [--workers 2] [--smooth]
 
-Each clip `<name>.<ext>` becomes a folder `<dst>/<name>/` (the name up to its first dot, as the reference named
-them) holding one JPEG per decoded frame, `0.jpg, 1.jpg, ...`, each the frame's face crop at its own size (not
-resized: the loader resizes to img_size) by the reference's rule (faces.py): the union box of all faces, squared,
-clipped to the image; a centre square of half the shorter side when no face is found. JPEG quality 95, as
-OpenCV's imwrite wrote them. By default each frame is cropped on its own, as in the reference (the released models
-were trained on such crops); `--smooth` uses the boxes smoothed over the clip instead.
+(from the repository root). Each clip `<name>.<ext>` becomes a folder `<dst>/<name>/` (the name up to its first
+dot, as the reference named them) holding one JPEG per decoded frame, `0.jpg, 1.jpg, ...`, each the frame's face
+crop at its own size (not resized: the loader resizes to img_size) by the reference's rule (faces.py): the union box
+of all faces, squared, clipped to the image; a centre square of half the shorter side when no face is found. JPEG
+quality 95, as OpenCV's imwrite wrote them. By default each frame is cropped on its own, as in the reference (the
+released models were trained on such crops); `--smooth` uses the boxes smoothed over the clip instead.
 
 Runs in a process pool with a progress bar and resumes: a clip's folder is written under a temporary name and
 renamed when complete, so an existing `<dst>/<name>/` is skipped. Clips that cannot be decoded are listed in
 `<dst>/failed.txt`.
 """
-import argparse
-import multiprocessing
 import os
+from pathlib import Path
 import shutil
 import sys
-from pathlib import Path
 
-from PIL import Image
-from tqdm import tqdm
+if not __package__:  # run as a file, where the `data` package is not importable
+  print('error: run it from the repository root as: python -m data.mafw_crop_faces --src ... --dst ...',
+        file=sys.stderr)
+  sys.exit(2)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from data import tools  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mma_dfer_jax import faces  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mma_dfer_jax import video as video_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.mpg', '.mpeg', '.flv', '.wmv')
 JPEG_QUALITY = 95  # cv2.imwrite's default
 FAILED_LIST = 'failed.txt'
 
 
 def clip_folder_name(video_path: Path) -> str:
   return video_path.name.split('.')[0]
-
-
-def find_videos(src: Path):
-  return sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
 
 
 def crop_clip(video_path, out_dir, smooth: bool = False) -> int:
@@ -84,48 +80,28 @@ def crop_folder(src, dst, workers: int = 2, smooth: bool = False, progress: bool
   if not src.is_dir():
     raise NotADirectoryError(f'{src}: no such folder of clips (--src)')
   dst.mkdir(parents=True, exist_ok=True)
-  jobs = [(v, dst / clip_folder_name(v), smooth) for v in find_videos(src)]
+  jobs = [(v, dst / clip_folder_name(v), smooth) for v in tools.find_videos(src)]
   summary = {'done': 0, 'skipped': 0, 'failed': []}
-  bar = tqdm(total=len(jobs), desc='faces', unit='clip', disable=not progress)
-  if workers > 1 and len(jobs) > 1:
-    pool = multiprocessing.get_context('spawn').Pool(workers)
-    results = pool.imap_unordered(_crop_one, jobs)
-  else:
-    pool, results = None, map(_crop_one, jobs)
-  try:
-    for status, video_path, message in results:
-      if status == 'failed':
-        summary['failed'].append(f'{video_path}\t{message}')
-      else:
-        summary[status] += 1
-      bar.update()
-  finally:
-    bar.close()
-    if pool is not None:
-      pool.close()
-      pool.join()
-  if summary['failed']:
-    (dst / FAILED_LIST).write_text('\n'.join(sorted(summary['failed'])) + '\n')
+  for status, video_path, message in tools.map_jobs(_crop_one, jobs, workers, 'faces', progress, ordered=False):
+    if status == 'failed':
+      summary['failed'].append(f'{video_path}\t{message}')
+    else:
+      summary[status] += 1
+  tools.write_list(dst, FAILED_LIST, summary['failed'])
   return summary
 
 
+@tools.guarded
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--src', required=True, help="folder of MAFW's original clips")
-  parser.add_argument('--dst', required=True, help='folder for the per-clip frame folders (clips_faces)')
-  parser.add_argument('--workers', type=int, default=max(1, multiprocessing.cpu_count()), help='processes')
+  parser = tools.folder_parser(__doc__.split('\n')[0], "folder of MAFW's original clips",
+                               'folder for the per-clip frame folders (clips_faces)')
   parser.add_argument('--smooth', action='store_true', help='smooth the face boxes over each clip')
   args = parser.parse_args(argv)
-  try:
-    summary = crop_folder(args.src, args.dst, args.workers, args.smooth)
-  except NotADirectoryError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(f"cropped {summary['done']}, already there {summary['skipped']}, failed {len(summary['failed'])}"
-        + (f' (listed in {Path(args.dst) / FAILED_LIST})' if summary['failed'] else ''))
+  summary = crop_folder(args.src, args.dst, args.workers, args.smooth)
+  print(f"cropped {summary['done']}, already there {summary['skipped']}, "
+        f"{tools.counted('failed', summary['failed'], args.dst, FAILED_LIST)}")
   return 1 if summary['failed'] else 0
 
 
 if __name__ == '__main__':
-  from mma_dfer_jax import cli  # pylint: disable=g-import-not-at-top  (one line and exit 2 for a user error)
-  sys.exit(cli.guard(main)())
+  sys.exit(main())

@@ -7,8 +7,9 @@ not install it. This runs the same `build` command, with the same flags, on the 
   python -m data.tfds_build data/mafw --manual_dir /data/MAFW --data_dir datasets [--config fold3]
 
 Without --config every fold is built. The output is ArrayRecord (the builders' default file format), in
-`<data_dir>/<dfew|mafw>/fold<k>/<version>/`, as `python -m data.dfew.build` writes it. Where TensorFlow is
-installed, `tfds build data/dfew ...` does the same.
+`<data_dir>/<name>/fold<k>/<version>/`, as `python -m data.<name>.build` writes it; any of data/<name>/ (dfew, mafw,
+cremad, ravdess, ferv39k). Where TensorFlow is installed, `PYTHONPATH=. tfds build data/dfew ...` from the
+repository root does the same (the builders import the `data` package).
 """
 import sys
 

@@ -1,7 +1,9 @@
 """The DFEW and MAFW builders on miniature datasets in their official layouts, read back by the input pipeline."""
 import json
-import shutil
 from pathlib import Path
+import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -249,8 +251,8 @@ def test_a_bad_split_line_stops_the_build_before_writing(tmp_path):
   with pytest.raises(common.AnnotationError, match=r'test\.txt:1'):
     common.build(mafw.Mafw, manual, tmp_path / 'out', [1])
   assert not list((tmp_path / 'out').glob('mafw/**/dataset_info.json'))
-  assert common.main(mafw.Mafw, 'mafw', ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'out'),
-                                         '--folds', '1', '--workers', '1']) == 2
+  assert common.main(mafw.Mafw, ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'out'),
+                                 '--folds', '1', '--workers', '1']) == 2
 
 
 def test_reference_annotation_lists_map_onto_manual_dir(tmp_path):
@@ -259,8 +261,8 @@ def test_reference_annotation_lists_map_onto_manual_dir(tmp_path):
   far = '/scratch/someone/dfer_datasets/dfew/clip_224x224'
   write_text(lists / 'DFEW_set_1_train.txt', f'{far}/00001 20 4\n{far}/00002 20 5\n{far}/00006 20 6\n')
   write_text(lists / 'DFEW_set_1_test.txt', f'{far}/00007 20 1\n')
-  code = common.main(dfew.Dfew, 'dfew', ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'out'),
-                                         '--folds', '1', '--annotations', str(lists), '--workers', '1'])
+  code = common.main(dfew.Dfew, ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'out'),
+                                 '--folds', '1', '--annotations', str(lists), '--workers', '1'])
   assert code == 0
   config = tiny_config(dfew_config, tmp_path / 'out')
   seen, _ = eval_ids_and_labels(config)
@@ -376,8 +378,8 @@ def make_mafw_all_classes(root: Path) -> Path:
 def test_mafw_class_names_map_to_the_reference_indices_in_both_build_modes(tmp_path):
   assert labels.class_names('mafw', 11) == tuple(sorted(REFERENCE_MAFW, key=REFERENCE_MAFW.get))
   manual, names = make_mafw_all_classes(tmp_path / 'MAFW')
-  assert common.main(mafw.Mafw, 'mafw', ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'split'),
-                                         '--folds', '1', '--workers', '1']) == 0
+  assert common.main(mafw.Mafw, ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'split'),
+                                 '--folds', '1', '--workers', '1']) == 0
   config = tiny_config(mafw_config, tmp_path / 'split')
   source = input_pipeline.get_source(config, 'train')
   by_id = {_text(source[i]['id']): int(source[i]['label']) for i in range(len(source))}
@@ -392,8 +394,8 @@ def test_mafw_class_names_map_to_the_reference_indices_in_both_build_modes(tmp_p
   write_text(lists / 'MAFW_set_1_train_faces.txt',
              ''.join(f'{far}/{clip_id} 5 {REFERENCE_MAFW[name]}\n' for clip_id, name in names.items()))
   write_text(lists / 'MAFW_set_1_test_faces.txt', f'{far}/00020 5 0\n{far}/00021 5 10\n{far}/00022 5 3\n')
-  assert common.main(mafw.Mafw, 'mafw', ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'lists'),
-                                         '--folds', '1', '--annotations', str(lists), '--workers', '1']) == 0
+  assert common.main(mafw.Mafw, ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'lists'),
+                                 '--folds', '1', '--annotations', str(lists), '--workers', '1']) == 0
   listed = input_pipeline.get_source(tiny_config(mafw_config, tmp_path / 'lists'), 'train')
   assert {_text(listed[i]['id']): int(listed[i]['label']) for i in range(len(listed))} == by_id
 
@@ -477,8 +479,8 @@ def test_dfew_in_part_folders_builds_with_audio_from_the_original_parts(tmp_path
   assert extract_audio.main(['--src', str(manual / 'Clip' / 'original'), '--dst', str(manual / 'Clip' / 'raw_wav'),
                              '--workers', '1']) == 0
   assert sorted(p.name for p in (manual / 'Clip' / 'raw_wav').glob('*.wav')) == [f'{n}.wav' for n in range(1, 7)]
-  assert common.main(dfew.Dfew, 'dfew', ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'out'),
-                                         '--folds', '1', '--workers', '1']) == 0
+  assert common.main(dfew.Dfew, ['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'out'),
+                                 '--folds', '1', '--workers', '1']) == 0
   version_dir = tmp_path / 'out' / 'dfew' / 'fold1' / '1.0.0'
   metadata = json.loads((version_dir / 'metadata.json').read_text())
   for split, stored in (('fold1_train', 4), ('fold1_test', 2)):
@@ -505,7 +507,7 @@ def test_dfew_in_part_folders_extracts_missing_wavs_itself(tmp_path):
 
 def test_dfew_without_any_audio_stops_with_the_command_that_makes_it(tmp_path):
   manual = make_dfew_parts(tmp_path / 'DFEW', originals=False)
-  with pytest.raises(common.AnnotationError, match=r'no DFEW audio.*extract_audio\.py --src .*Clip/original'):
+  with pytest.raises(common.AnnotationError, match=r'no DFEW audio.*extract_audio --src .*Clip/original'):
     common.build(dfew.Dfew, manual, tmp_path / 'out', [1])
   assert not list((tmp_path / 'out').glob('dfew/**/dataset_info.json'))
 
@@ -514,6 +516,18 @@ def test_extract_audio_without_videos_is_an_error_not_an_empty_success(tmp_path,
   (tmp_path / 'original' / 'part_1').mkdir(parents=True)
   assert extract_audio.main(['--src', str(tmp_path / 'original'), '--dst', str(tmp_path / 'wav')]) == 2
   assert 'no video files' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('tool', ['extract_audio', 'mafw_crop_faces'])
+def test_a_tool_run_as_a_file_names_the_module_command(tool):
+  """data/ is importable as a package from the repository root only (nothing edits sys.path): run as a file, a
+  tool says how to run it, in one line, exit 2, before importing anything heavy."""
+  root = Path(__file__).resolve().parents[1]
+  done = subprocess.run([sys.executable, str(root / 'data' / f'{tool}.py'), '--src', 'a', '--dst', 'b'], cwd='/',
+                        capture_output=True, text=True, timeout=60, check=False)
+  assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+      f'error: run it from the repository root as: python -m data.{tool} --src ... --dst ...']
+  assert not [p for p in (root / 'data').rglob('*.py') if 'sys.path' in p.read_text()]
 
 
 def test_dfew_clip_folders_are_found_in_part_folders_and_twice_is_an_error(tmp_path):

@@ -1,25 +1,11 @@
-"""Build CREMA-D's folds as ArrayRecord from the download as its owners distribute it.
+"""Build CREMA-D's folds as ArrayRecord from the download (common.main; README.md here for its layout).
 
-  python -m data.cremad.build --manual_dir /data/CREMA-D --data_dir datasets [--folds 1,2] [--workers N]
+  python -m data.cremad.build --manual_dir M --data_dir D [--folds 1,2] [--workers N]
 
-Writes `<data_dir>/cremad/fold<k>/1.0.0/` per fold (the splits fold<k>_train, fold<k>_test), which
-`mma_dfer_jax.input_pipeline` reads with config.dataset='cremad', config.data_dir=<data_dir>. A complete fold is
-reused; an interrupted one is rebuilt from the start. What is derived from the download is kept in
-`<data_dir>/downloads/cremad_*/`. See data/cremad/README.md.
+Writes `<data_dir>/cremad/fold<k>/1.0.0/` per fold (the splits fold<k>_train, fold<k>_test). Imported, this module
+is callable as the package's `build`: `data.cremad.build(manual_dir, data_dir, folds=[1])`.
 """
-import sys
-
 from data import common
-from data.cremad import build_folds
-from data.cremad import cremad_dataset_builder
+from data.cremad import Cremad
 
-
-def main(argv=None) -> int:
-  return common.main(cremad_dataset_builder.Cremad, 'cremad', argv)
-
-
-if __name__ == '__main__':
-  sys.exit(main())
-else:
-  # Importing this module rebinds `data.cremad.build` from the function to the module; keep it callable alike.
-  common.make_callable(sys.modules[__name__], build_folds)
+main = common.build_command(__name__, Cremad)

@@ -17,15 +17,10 @@ Frames: every frame of the video, its face cropped by predict's rule (data/faces
 """
 from pathlib import Path
 import re
-import sys
 from typing import Dict, List, Tuple
 
-try:
-  from data import common
-except ImportError:  # `tfds build data/cremad` imports this file as a top-level module: put the repository on the path
-  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-  from data import common
-from mma_dfer_jax import labels  # pylint: disable=g-import-not-at-top
+from data import common
+from mma_dfer_jax import labels
 
 VIDEO_ROOTS = ('VideoFlash', 'VideoMP4')
 WAV_ROOTS = ('AudioWAV',)
@@ -68,6 +63,7 @@ class Cremad(common.FoldBuilder, skip_registration=True):
   """CREMA-D in HiCMAE's 5 subject-independent folds: `fold<k>_train`, `fold<k>_test`."""
 
   name = 'cremad'
+  TITLE = 'CREMA-D'
   CLASS_NAMES = labels.CREMAD_CLASSES
   FACES_FROM_VIDEO = True
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -80,7 +76,6 @@ class Cremad(common.FoldBuilder, skip_registration=True):
               'author={Cao, Houwei and others}, journal={IEEE Transactions on Affective Computing}, year={2014}}')
 
   def list_clips(self, manual_dir: Path, fold: int, split: str) -> List[common.Clip]:
-    common.refuse_annotations(self._annotations_dir, 'CREMA-D', 'cremad')
     common.require_dir([manual_dir / p for p in VIDEO_ROOTS], 'CREMA-D video folder (VideoFlash/)')
     videos = common.index_files([manual_dir / p for p in VIDEO_ROOTS], common.VIDEO_EXTENSIONS)
     if not videos:

@@ -10,7 +10,7 @@ Reads the official download as its archives unpack (see README.md in this folder
 The 5-digit clip folders are found wherever they lie under `Clip/clip_224x224` (or `clip_224x224`, or part folders
 `clip_224x224_part_<k>` directly in `Clip/` or manual_dir): flat, in part folders, or in a doubly unpacked
 `clip_224x224/clip_224x224/`. The original clips likewise anywhere under `Clip/original` (or `original`). DFEW
-ships no wavs: `raw_wav/` is made by the user (the reference's mp42wav.sh; here data/extract_audio.py); a clip
+ships no wavs: `raw_wav/` is made by the user (the reference's mp42wav.sh; here `python -m data.extract_audio`); a clip
 without a wav gets one extracted from its original clip at build time. The reference never trained DFEW without
 audio, so a download with neither wavs nor original clips stops the build with the command that makes them.
 
@@ -25,24 +25,19 @@ Alternatively (`annotations_dir`), the reference's lists `DFEW_set_<k>_{train,te
 folders of manual_dir (or used as listed when it exists on this machine).
 """
 import csv
-import re
 from pathlib import Path
-import sys
-from typing import Dict, List, Optional, Tuple
+import re
+from typing import List, Optional, Tuple
 
-try:
-  from data import common
-except ImportError:  # `tfds build data/dfew` imports this file as a top-level module: put the repository on the path
-  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-  from data import common
-from mma_dfer_jax import labels  # pylint: disable=g-import-not-at-top
+from data import common
+from mma_dfer_jax import labels
 
 FRAME_ROOTS = ('Clip/clip_224x224', 'clip_224x224')
 PART_GLOB = 'clip_224x224_part_*'  # part archives unpacked straight into Clip/ or manual_dir
 WAV_ROOTS = ('Clip/raw_wav', 'raw_wav')
 VIDEO_ROOTS = ('Clip/original', 'original')
 SPLIT_ROOT = 'EmoLabel_DataSplit'
-EXTRACT_HINT = ('make the wavs first: python data/extract_audio.py --src {m}/Clip/original --dst {m}/Clip/raw_wav '
+EXTRACT_HINT = ('make the wavs first: python -m data.extract_audio --src {m}/Clip/original --dst {m}/Clip/raw_wav '
                 '(unpack the "original" part archives into Clip/original first)')
 
 
@@ -101,10 +96,11 @@ def read_split_csv(path: Path) -> List[Tuple[str, int]]:
   return entries
 
 
-class Dfew(common.FoldBuilder, skip_registration=True):
+class Dfew(common.FrameFolderBuilder, skip_registration=True):
   """DFEW in 5 folds: `fold<k>_train`, `fold<k>_test`."""
 
   name = 'dfew'
+  TITLE = 'DFEW'
   CLASS_NAMES = labels.DFEW_CLASSES
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Request DFEW from https://dfew-dataset.github.io/ and unpack it; pass the folder holding Clip/ and '
@@ -115,7 +111,7 @@ class Dfew(common.FoldBuilder, skip_registration=True):
   CITATION = ('@inproceedings{jiang2020dfew, title={DFEW: A Large-Scale Database for Recognizing Dynamic Facial '
               'Expressions in the Wild}, author={Jiang, Xingxun and others}, booktitle={ACM MM}, year={2020}}')
 
-  def list_clips(self, manual_dir: Path, fold: int, split: str) -> List[common.Clip]:
+  def find_frame_folders(self, manual_dir: Path) -> common.FrameFolders:
     roots = frame_roots(manual_dir)
     clip_folders = common.find_clip_folders(roots)
     if not clip_folders:
@@ -129,23 +125,11 @@ class Dfew(common.FoldBuilder, skip_registration=True):
           f'{manual_dir}: no DFEW audio: no wav under Clip/raw_wav and no original clip under Clip/original. '
           f'The reference trains DFEW with audio; {EXTRACT_HINT.format(m=manual_dir)}')
     frames_root = next((r for r in roots if r.is_dir()), roots[0])
-    if self._annotations_dir is not None:
-      path = common.annotation_list_path(self._annotations_dir, 'dfew', fold, split)
-      listed = common.read_annotation_list(path, len(self.CLASS_NAMES))
-      folders = [(common.resolve_listed(p, clip_folders, frames_root), label) for p, label in listed]
-    else:
-      entries = read_split_csv(split_csv(manual_dir, fold, split))
-      folders = [(clip_folders.get(clip_id, frames_root / clip_id), label) for clip_id, label in entries]
-    return [_clip(folder, label, wavs, videos) for folder, label in folders]
+    return common.FrameFolders(clip_folders, frames_root, wavs, videos)
 
+  def read_split(self, manual_dir: Path, fold: int, split: str) -> List[Tuple[str, int]]:
+    return read_split_csv(split_csv(manual_dir, fold, split))
 
-def _number_names(name: str) -> List[str]:
-  """The names a DFEW clip's files may carry: '00001' -> ['1', '00001']."""
-  return [str(int(name)), name] if name.isdigit() else [name]
-
-
-def _clip(folder: Path, label: int, wavs: Dict[str, Path], videos: Dict[str, Path]) -> common.Clip:
-  names = _number_names(folder.name)
-  wav = next((wavs[n] for n in names if n in wavs), None)
-  video = next((videos[n] for n in names if n in videos), None)
-  return common.Clip(folder.name, label, folder, wav, video)
+  def media_names(self, clip_id: str) -> List[str]:
+    """The names a DFEW clip's files may carry: '00001' -> ['1', '00001']."""
+    return [str(int(clip_id)), clip_id] if clip_id.isdigit() else [clip_id]

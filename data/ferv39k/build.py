@@ -1,25 +1,11 @@
-"""Build FERV39k's folds as ArrayRecord from the download as its owners distribute it.
+"""Build FERV39k's folds as ArrayRecord from the download (common.main; README.md here for its layout).
 
-  python -m data.ferv39k.build --manual_dir /data/FERV39k --data_dir datasets [--folds 1,2] [--workers N]
+  python -m data.ferv39k.build --manual_dir M --data_dir D [--folds 1,2] [--workers N]
 
-Writes `<data_dir>/ferv39k/fold<k>/1.0.0/` per fold (the splits fold<k>_train, fold<k>_test), which
-`mma_dfer_jax.input_pipeline` reads with config.dataset='ferv39k', config.data_dir=<data_dir>. A complete fold is
-reused; an interrupted one is rebuilt from the start. What is derived from the download is kept in
-`<data_dir>/downloads/ferv39k_*/`. See data/ferv39k/README.md.
+Writes `<data_dir>/ferv39k/fold<k>/1.0.0/` per fold (the splits fold<k>_train, fold<k>_test). Imported, this module
+is callable as the package's `build`: `data.ferv39k.build(manual_dir, data_dir, folds=[1])`.
 """
-import sys
-
 from data import common
-from data.ferv39k import build_folds
-from data.ferv39k import ferv39k_dataset_builder
+from data.ferv39k import Ferv39k
 
-
-def main(argv=None) -> int:
-  return common.main(ferv39k_dataset_builder.Ferv39k, 'ferv39k', argv)
-
-
-if __name__ == '__main__':
-  sys.exit(main())
-else:
-  # Importing this module rebinds `data.ferv39k.build` from the function to the module; keep it callable alike.
-  common.make_callable(sys.modules[__name__], build_folds)
+main = common.build_command(__name__, Ferv39k)

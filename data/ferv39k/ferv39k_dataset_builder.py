@@ -16,15 +16,10 @@ so config.fold=1. Frames are stored as the files are (string order, as the owner
 audio, so every record holds the silent fbank with has_audio False (not counted as missing audio).
 """
 from pathlib import Path
-import sys
 from typing import List, Optional, Tuple
 
-try:
-  from data import common
-except ImportError:  # `tfds build data/ferv39k` imports this file as a top-level module: put the repository on the path
-  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-  from data import common
-from mma_dfer_jax import labels  # pylint: disable=g-import-not-at-top
+from data import common
+from mma_dfer_jax import labels
 
 FRAME_ROOTS = ('2_ClipsforFaceCrop', 'ClipsforFaceCrop', '.')
 LIST_DIRS = ('4_setups/All_scenes', 'All_scenes', '.')
@@ -64,8 +59,9 @@ class Ferv39k(common.FoldBuilder, skip_registration=True):
   """FERV39k's official split as fold 1: `fold1_train`, `fold1_test`."""
 
   name = 'ferv39k'
+  TITLE = 'FERV39k'
   NUM_FOLDS = 1
-  BUILDER_CONFIGS = common.fold_configs(1, 'the official train/test split (4_setups/All_scenes)')
+  FOLDS_DESCRIPTION = 'the official train/test split (4_setups/All_scenes)'
   CLASS_NAMES = labels.FERV39K_CLASSES
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Request FERV39k from its owners (https://wangyanckxx.github.io/Proj_CVPR2022_FERV39k.html), unpack it and pass '
@@ -76,7 +72,6 @@ class Ferv39k(common.FoldBuilder, skip_registration=True):
               'Expression Recognition in Videos}, author={Wang, Yan and others}, booktitle={CVPR}, year={2022}}')
 
   def list_clips(self, manual_dir: Path, fold: int, split: str) -> List[common.Clip]:
-    common.refuse_annotations(self._annotations_dir, 'FERV39k', 'ferv39k')
     entries = read_list(list_file(manual_dir, split))
     root = frame_root(manual_dir, entries[0][0] if entries else None)
     return [common.Clip(listed, label, root / listed, audio=False) for listed, label in entries]

@@ -24,16 +24,12 @@ Alternatively (`annotations_dir`), the reference's lists `MAFW_set_<k>_{train,te
 its name under the face folder of manual_dir (or used as listed when it exists on this machine).
 """
 from pathlib import Path
-import sys
 from typing import List, Optional, Tuple
 
-try:
-  from data import common
-except ImportError:  # `tfds build data/mafw` imports this file as a top-level module: put the repository on the path
-  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-  from data import common
-from mma_dfer_jax import labels  # pylint: disable=g-import-not-at-top
-import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import tensorflow_datasets as tfds
+
+from data import common
+from mma_dfer_jax import labels
 
 MAFW_VERSION = '2.0.0'  # the input pipeline refuses older MAFW builds (their labels are in the wrong order)
 
@@ -46,7 +42,7 @@ SPLIT_ROOT = Path('Train & Test Set') / 'single' / 'no_caption'
 CLASS_ALIASES = {'happy': 'happiness', 'sad': 'sadness', 'angry': 'anger', 'surprised': 'surprise',
                  'disgusted': 'disgust', 'fearful': 'fear', 'contemptuous': 'contempt', 'anxious': 'anxiety',
                  'helpless': 'helplessness', 'disappointed': 'disappointment'}
-CROP_HINT = 'Make the face frames first: python data/mafw_crop_faces.py --src MAFW/data/clips --dst MAFW/clips_faces'
+CROP_HINT = 'Make the face frames first: python -m data.mafw_crop_faces --src MAFW/data/clips --dst MAFW/clips_faces'
 
 
 def split_file(manual_dir: Path, fold: int, split: str) -> Path:
@@ -66,10 +62,11 @@ def read_split_file(path: Path) -> List[Tuple[str, int]]:
   return [(clip.split('.')[0], label) for clip, label in entries]
 
 
-class Mafw(common.FoldBuilder, skip_registration=True):
+class Mafw(common.FrameFolderBuilder, skip_registration=True):
   """MAFW (single-expression set) in 5 folds: `fold<k>_train`, `fold<k>_test`."""
 
   name = 'mafw'
+  TITLE = 'MAFW'
   VERSION = tfds.core.Version(MAFW_VERSION)
   RELEASE_NOTES = {
       '1.0.0': 'Labels in MAFW\'s own class order (wrong for the released models); num_frames = frame files.',
@@ -77,31 +74,27 @@ class Mafw(common.FoldBuilder, skip_registration=True):
                     'files - 1, as the reference samples.',
   }
   CLASS_NAMES = labels.MAFW_CLASSES
+  FRAME_ROOTS = FRAME_ROOTS
+  FRAMES_HINT = CROP_HINT
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Request MAFW from https://mafw-database.github.io/MAFW/ and unpack it; crop the faces '
-      '(data/mafw_crop_faces.py) and extract the wavs (data/extract_audio.py), then pass the MAFW folder as '
-      '--manual_dir (layout: data/mafw/README.md).')
+      '(python -m data.mafw_crop_faces) and extract the wavs (python -m data.extract_audio), then pass the MAFW '
+      'folder as --manual_dir (layout: data/mafw/README.md).')
   DESCRIPTION = 'MAFW single-expression face clips (JPEG bytes) with the normalised fbank of their audio.'
   HOMEPAGE = 'https://mafw-database.github.io/MAFW/'
   CITATION = ('@inproceedings{liu2022mafw, title={MAFW: A Large-scale, Multi-modal, Compound Affective Database '
               'for Dynamic Facial Expression Recognition in the Wild}, author={Liu, Yuanyuan and others}, '
               'booktitle={ACM MM}, year={2022}}')
 
-  def list_clips(self, manual_dir: Path, fold: int, split: str) -> List[common.Clip]:
+  def find_frame_folders(self, manual_dir: Path) -> common.FrameFolders:
     frames_root = face_folder(manual_dir)
     clip_folders = common.find_clip_folders([frames_root], r'.+', max_depth=1) if frames_root else {}
     wavs = common.index_files([manual_dir / p for p in WAV_ROOTS], ('.wav',))
     videos = common.index_files([manual_dir / p for p in VIDEO_ROOTS], common.VIDEO_EXTENSIONS)
-    if self._annotations_dir is not None:
-      path = common.annotation_list_path(self._annotations_dir, 'mafw', fold, split)
-      listed = common.read_annotation_list(path, len(self.CLASS_NAMES))
-      folders = [(common.resolve_listed(p, clip_folders, frames_root), label) for p, label in listed]
-    else:
-      if frames_root is None:
-        common.require_dir([manual_dir / p for p in FRAME_ROOTS], 'MAFW face frame folder', CROP_HINT)
-      entries = read_split_file(split_file(manual_dir, fold, split))
-      folders = [(frames_root / clip_id, label) for clip_id, label in entries]
-    return [common.Clip(f.name, label, f, wavs.get(f.name), videos.get(f.name)) for f, label in folders]
+    return common.FrameFolders(clip_folders, frames_root, wavs, videos)
+
+  def read_split(self, manual_dir: Path, fold: int, split: str) -> List[Tuple[str, int]]:
+    return read_split_file(split_file(manual_dir, fold, split))
 
   def sampling_frame_count(self, num_files: int) -> int:
     """The reference's MAFW count: files - 1 (at least 1: its lists hold no clip with fewer than 2 files, and a

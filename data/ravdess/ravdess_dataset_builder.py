@@ -17,15 +17,10 @@ Frames: every frame of the video, its face cropped by predict's rule (data/faces
 """
 from pathlib import Path
 import re
-import sys
 from typing import Dict, List
 
-try:
-  from data import common
-except ImportError:  # `tfds build data/ravdess` imports this file as a top-level module: put the repository on the path
-  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-  from data import common
-from mma_dfer_jax import labels  # pylint: disable=g-import-not-at-top
+from data import common
+from mma_dfer_jax import labels
 
 NUM_FOLDS = 6
 ACTORS_PER_FOLD = 4
@@ -88,8 +83,8 @@ class Ravdess(common.FoldBuilder, skip_registration=True):
   """RAVDESS audio-visual speech in 6 subject-independent folds: `fold<k>_train`, `fold<k>_test`."""
 
   name = 'ravdess'
+  TITLE = 'RAVDESS'
   NUM_FOLDS = NUM_FOLDS
-  BUILDER_CONFIGS = common.fold_configs(NUM_FOLDS)
   CLASS_NAMES = labels.RAVDESS_CLASSES
   FACES_FROM_VIDEO = True
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -106,7 +101,6 @@ class Ravdess(common.FoldBuilder, skip_registration=True):
     self._videos = None
 
   def list_clips(self, manual_dir: Path, fold: int, split: str) -> List[common.Clip]:
-    common.refuse_annotations(self._annotations_dir, 'RAVDESS', 'ravdess')
     if self._videos is None:
       self._videos = find_videos(manual_dir)
     if not self._videos:
