@@ -3,7 +3,6 @@ SSL conversion, released checkpoints, prediction, timeline, export and bench. Th
 paper's model: tests/test_model.py's parity tests against the reference fixtures cover it.
 """
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -234,8 +234,10 @@ def test_check_model_config_names_the_key():
 
 
 def test_config_without_the_key_is_the_papers_model():
-  c = tiny_config('audio_video').model
-  del c['modalities']
+  from mma_dfer_jax import settings  # pylint: disable=import-outside-toplevel
+  saved = tiny_config('audio_video').to_dict()  # a config saved before the key existed, as checkpoints load it
+  del saved['model']['modalities']
+  c = settings.upgrade(ml_collections.ConfigDict(saved)).model
   assert mma_dfer.modalities(c) == 'audio_video'
   assert any('fusion' in p for p in model_shapes(c))
 
@@ -406,18 +408,5 @@ def test_bench_analytic_flops_agree_with_xla(kind):
   assert 0.7 < record['flops_per_step'] / record['flops_analytic_per_step'] < 2.0
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# End to end.
-
-@pytest.mark.slow
-def test_two_epoch_video_only_demo_run_writes_a_summary(tmp_path):
-  done = subprocess.run([sys.executable, 'launch.py', '--config', 'configs/demo.py', '--workdir', str(tmp_path),
-                         '--config.num_epochs=2', '--config.model.modalities=video'], cwd=ROOT, text=True,
-                        capture_output=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=900)
-  assert done.returncode == 0, done.stderr[-3000:]
-  summary = json.loads((tmp_path / 'summary.json').read_text())
-  assert summary['epochs'] == 2 and summary['steps'] > 0
-  assert 0 <= summary['war'] <= 100 and 0 <= summary['uar'] <= 100
-  assert np.isfinite(summary['train_loss']) and summary['trainable_l2'] > 0
-  stored = json.loads((tmp_path / 'config.json').read_text())
-  assert stored['model']['modalities'] == 'video'
+# The whole run of a unimodal model from launch.py: tests/test_dataset_runs.py (FERV39k, video only; RAVDESS, audio
+# only), each asserting it learns above chance.

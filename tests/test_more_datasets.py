@@ -44,14 +44,20 @@ SIZE, FPS, FRAMES = 64, 25, 25
 # ---------------------------------------------------------------------------------------------------------------
 # Miniature videos.
 
+def load_face_frames(num_frames=FRAMES):
+  """num_frames frames (64 px) of a real talking face, and the fixture's first second of speech (mono float32, its
+  rate). Also used by tests/test_dataset_runs.py."""
+  require_fixture(FIXTURE_VIDEO)
+  frames = [cv2.resize(f, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+            for _, f in zip(range(num_frames), video_lib.iter_frames(FIXTURE_VIDEO))]
+  samples, rate = video_lib.read_audio(FIXTURE_VIDEO)
+  return np.stack(frames), samples[0, :rate].astype(np.float32), rate
+
+
 @pytest.fixture(scope='module')
 def face_frames():
   """25 frames (64 px) of a real talking face, and the fixture's speech (mono float32, its rate)."""
-  require_fixture(FIXTURE_VIDEO)
-  frames = [cv2.resize(f, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-            for _, f in zip(range(FRAMES), video_lib.iter_frames(FIXTURE_VIDEO))]
-  samples, rate = video_lib.read_audio(FIXTURE_VIDEO)
-  return np.stack(frames), samples[0, :rate].astype(np.float32), rate
+  return load_face_frames()
 
 
 def write_video(path: Path, frames: np.ndarray, codec: str, audio=None):
@@ -195,7 +201,8 @@ def test_cremad_fold_membership_labels_and_counts(built_cremad):
   # Fold 5 tests 1073..1091: the broken 1076 clip, the unreadable 1090 clip and the two 1091 clips.
   assert test['clips'] == 4 and test['stored'] == 2
   assert set(test['excluded']) == {'1076_MTI_NEU_XX', '1090_TAI_DIS_XX'}
-  assert 'broken' in test['excluded']['1076_MTI_NEU_XX'] and '1090_TAI_DIS_XX.flv' in test['excluded']['1090_TAI_DIS_XX']
+  assert 'broken' in test['excluded']['1076_MTI_NEU_XX']
+  assert '1090_TAI_DIS_XX.flv' in test['excluded']['1090_TAI_DIS_XX']
   assert train['clips'] == 5 and train['stored'] == 5 and not train['excluded']
   assert train['no_face'] == ['1019_MTI_NEU_XX'] and test['no_face'] == []
   assert list(train['silent_audio']) == [CREMAD_NO_WAV]
@@ -312,7 +319,7 @@ def test_ravdess_fold_membership_labels_and_audio(built_ravdess):
 def test_ravdess_fold_6_reads_and_fold_7_is_refused(built_ravdess, tmp_path):
   manual, out, _ = built_ravdess
   assert len(input_pipeline.get_source(tiny_config(ravdess_config, out, 6), 'test')) == 2
-  with pytest.raises(input_pipeline.DatasetError, match=r'config\.fold=7: folds are numbered 1\.\.6 for ravdess'):
+  with pytest.raises(ValueError, match=r'config\.fold=7: .*folds are numbered 1\.\.6'):
     input_pipeline.get_source(tiny_config(ravdess_config, out, 7), 'test')
   assert ravdess_build.main(['--manual_dir', str(manual), '--data_dir', str(tmp_path), '--folds', '7']) == 2
 
@@ -357,7 +364,7 @@ def test_ferv39k_official_split_as_fold_1_without_audio(tmp_path):
   report = metadata(tmp_path / 'out' / 'ferv39k' / 'fold1' / '1.0.0')
   assert report['fold1_train']['stored'] == 4 and report['fold1_test']['stored'] == 3
   assert not report['fold1_train']['silent_audio']  # no audio is the dataset, not a clip's fault
-  with pytest.raises(input_pipeline.DatasetError, match=r'config\.fold=2: folds are numbered 1\.\.1 for ferv39k'):
+  with pytest.raises(ValueError, match=r'config\.fold=2: .*folds are numbered 1\.\.1'):
     input_pipeline.get_source(tiny_config(ferv39k_config, tmp_path / 'out', 2), 'test')
   assert ferv39k_build.main(['--manual_dir', str(manual), '--data_dir', str(tmp_path / 'out'), '--folds', '2']) == 2
 
@@ -371,31 +378,10 @@ def test_ferv39k_bad_list_line_names_file_and_line(tmp_path):
 
 
 def test_configs_name_the_datasets_classes():
-  for module, dataset, classes in ((cremad_config, 'cremad', 6), (ravdess_config, 'ravdess', 8),
-                                   (ferv39k_config, 'ferv39k', 7)):
+  for module, dataset, classes, folds in ((cremad_config, 'cremad', 6, 5), (ravdess_config, 'ravdess', 8, 6),
+                                          (ferv39k_config, 'ferv39k', 7, 1)):
     config = module.get_config()
     assert config.dataset == dataset and config.model.num_classes == classes and config.fold == 1
-    assert module.NUM_FOLDS == input_pipeline.num_folds(dataset)
+    assert input_pipeline.num_folds(dataset) == folds
     assert len(labels.class_names(dataset, classes)) == classes
     assert not labels.class_names(dataset, classes)[0].startswith('class_')
-
-
-@pytest.mark.slow
-def test_demo_sized_model_trains_two_epochs_on_the_miniature_cremad(built_cremad, tmp_path):
-  """The whole loop on a built CREMA-D fold: configs/demo.py's model, 2 epochs. Four training clips cannot show
-  learning above chance reliably, so only what is robust is asserted: the run finishes, writes its summary, and
-  its loss and scores are finite numbers over the fold's three test clips."""
-  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
-  from mma_dfer_jax import experiment  # pylint: disable=import-outside-toplevel
-  _, out = built_cremad
-  config = tiny_config(cremad_config, out, 1)
-  config.model = demo_config.get_config().model
-  config.model.num_classes = 6
-  config.num_epochs, config.learning_rate = 2, 3e-3
-  config.init.face_checkpoint = config.init.audio_checkpoint = ''
-  config.checkpoint_every_steps, config.log_every_steps = 100, 1
-  summary = experiment.train_and_evaluate(config, tmp_path / 'run')
-  written = json.loads((tmp_path / 'run' / 'summary.json').read_text())
-  assert written['epochs'] == 2 and written['steps'] == 2 * (4 // 2)  # 4 stored training clips, batch 2
-  assert np.isfinite(written['train_loss']) and 0 <= written['war'] <= 100 and 0 <= written['uar'] <= 100
-  assert written['dataset'] == 'cremad' and summary['war'] == written['war']
