@@ -14,7 +14,8 @@ What counts as a user error is decided here, in one place (`user_error_message`)
 
 The commands (launch.py / mma-dfer-train, convert, predict, export, bench) wrap their `main` in `guard` and take
 `--config FILE` plus `--config.key=value` overrides (`define_config_flag`, `parse_flags`); `check_config`
-(settings.validate) and `check_writable_dir` are the checks they run before anything is computed or written. This module imports nothing heavy: launch.py must configure the allocator before JAX starts.
+(settings.validate) and `check_writable_dir` are the checks they run before anything is computed or written. This
+module imports nothing heavy: launch.py must configure the allocator before JAX starts.
 """
 import difflib
 import functools
@@ -232,6 +233,40 @@ def define_config_flag(flag_values, argv, help_text='Experiment config file, e.g
   check_override_keys(config, argv)
   config_flags.DEFINE_config_dict('config', config, help_text, flag_values=flag_values,
                                   sys_argv=_without_config_file(argv), lock_config=True)
+
+
+def saved_config(argv):
+  """Without `--config FILE`: the config saved with `--checkpoint DIR` (overrides apply onto it), else None.
+
+  A checkpoint that does not exist is reported here only when overrides need its config; otherwise the command
+  reports it after its other flags are checked.
+  """
+  checkpoint_dir = flag_value(argv, 'checkpoint')
+  if flag_value(argv, 'config') is not None or not checkpoint_dir:
+    return None
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import settings  # pylint: disable=import-outside-toplevel  (settings imports this module)
+  if not epath.Path(checkpoint_dir).is_dir():
+    if override_keys(argv):
+      raise UserError(f'--checkpoint {checkpoint_dir}: no such checkpoint directory (give the --out of convert or a '
+                      'launch.py work directory)')
+    return None
+  return settings.load_saved(checkpoint_dir)
+
+
+def define_checkpoint_flags(flag_values, argv) -> None:
+  """`--checkpoint DIR` and `--config`, as the commands that read a checkpoint take them (predict, extract, export).
+
+  The config is the one saved with the checkpoint, with the `--config.key=value` overrides applied; `--config FILE`
+  replaces it. The caller fits it to the parameters (predict.load_model).
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  define_config_flag(flag_values, argv, 'Experiment config file; replaces the config stored with the checkpoint '
+                     '(default: that config, with the --config.key=value overrides applied).',
+                     stored=saved_config(argv),
+                     no_config_hint='the checkpoint holds no config.json: give --config FILE, e.g. configs/mafw.py')
+  flags.DEFINE_string('checkpoint', None, 'Checkpoint directory: the --out of convert or a launch.py work directory.',
+                      flag_values=flag_values)
 
 
 def parse_flags(flag_values, argv, usage: Optional[str] = None) -> list:

@@ -136,38 +136,10 @@ def parse_platforms(text: str) -> tuple:
   return platforms
 
 
-def load_checkpoint(checkpoint_dir, config=None):
-  """(params, config): the config given (from --config) replaces the one stored with the checkpoint."""
-  path = checkpoint.as_path(checkpoint_dir)
-  if not path.is_dir():
-    raise cli.UserError(f'--checkpoint {checkpoint_dir}: no such directory (give the --out of convert or a '
-                        'launch.py work directory)')
-  if config is None:
-    config = checkpoint.load_config(path)
-    if config is None:
-      raise cli.UserError(f'--checkpoint {checkpoint_dir}: holds no config.json; name the experiment with '
-                          '--config configs/X.py')
-  params = checkpoint.load_params(path)  # CheckpointNotFoundError is a user error (cli.py)
-  return params, config
-
-
-def _stored_config(argv):
-  """Without --config: the config saved with --checkpoint (overrides apply onto it), or None."""
-  checkpoint_dir = cli.flag_value(argv, 'checkpoint')
-  if cli.flag_value(argv, 'config') is not None or not checkpoint_dir:
-    return None
-  return checkpoint.load_config(checkpoint_dir) if checkpoint.as_path(checkpoint_dir).is_dir() else None
-
-
 def _flag_values(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   flag_values = flags.FlagValues()
-  cli.define_config_flag(flag_values, argv, 'Experiment config file; replaces the config stored with the checkpoint '
-                         '(default: that config, with the --config.key=value overrides applied).',
-                         stored=_stored_config(argv),
-                         no_config_hint='give --config FILE or a --checkpoint that holds a config.json')
-  flags.DEFINE_string('checkpoint', None, 'Checkpoint directory: the --out of convert or a launch.py work dir.',
-                      flag_values=flag_values)
+  cli.define_checkpoint_flags(flag_values, argv)
   flags.DEFINE_string('out', None, 'Where to write the serialized module (and OUT.json beside it).',
                       flag_values=flag_values)
   flags.DEFINE_string('platforms', ','.join(PLATFORMS), 'Platforms to lower for, comma-separated.',
@@ -185,8 +157,10 @@ def main(argv=None) -> int:
     raise cli.UserError('--checkpoint DIR and --out FILE are required')
   platforms = parse_platforms(flag_values.platforms)
   cli.check_writable_dir(checkpoint.as_path(flag_values.out).parent, '--out')
-  params, config = load_checkpoint(flag_values.checkpoint, flag_values.config)
-  cli.check_model_config(config.model)
+  from mma_dfer_jax import predict  # pylint: disable=import-outside-toplevel
+  # The checkpoint's config (or --config FILE) with the overrides applied, refused where it does not fit the params.
+  params, config = predict.load_model(flag_values.checkpoint, cli.flag_value(argv, 'config'), flag_values.config,
+                                      cli.override_keys(argv))
 
   start = time.perf_counter()
   exported = export_model(params, config.model, platforms)

@@ -294,22 +294,10 @@ def extract_checkpoint(config, workdir, split='test', progress=True):
 # ---------------------------------------------------------------------------------------------------------------
 # Command line.
 
-def _stored_config(checkpoint_dir):
-  """The config saved with the checkpoint, for --config.key=value overrides to apply onto (None: none there)."""
-  from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  if not checkpoint_dir or not checkpoint.as_path(checkpoint_dir).is_dir():
-    return None
-  return checkpoint.load_config(checkpoint_dir)
-
-
-def _flag_values(argv, stored):
+def _flag_values(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   fv = flags.FlagValues()
-  cli.define_config_flag(fv, argv, 'Experiment config file; replaces the config stored with the checkpoint '
-                         '(default: that config, with the --config.key=value overrides applied).', stored=stored,
-                         no_config_hint='the checkpoint holds no config.json: give --config configs/X.py')
-  flags.DEFINE_string('checkpoint', None, 'Checkpoint directory: the --out of convert or a launch.py work directory.',
-                      flag_values=fv)
+  cli.define_checkpoint_flags(fv, argv)
   flags.DEFINE_string('videos', None, 'A folder of video files (searched at any depth).', flag_values=fv)
   flags.DEFINE_string('split', None, "A split of the config's dataset and fold instead: test or train.",
                       flag_values=fv)
@@ -339,8 +327,7 @@ def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   overrides = cli.override_keys(argv)
   config_path = cli.flag_value(argv, 'config')
-  stored = None if config_path is not None else _stored_config(cli.flag_value(argv, 'checkpoint'))
-  fv = _flag_values(argv, stored)
+  fv = _flag_values(argv)
   rest = cli.parse_flags(fv, argv)
   if len(rest) > 1:
     raise cli.UserError(f'unexpected arguments: {" ".join(rest[1:])} (see --help)')

@@ -340,28 +340,10 @@ def load_model(checkpoint_dir, config_path=None, config=None, overrides=()):
 PROG = 'mma-dfer-predict'
 
 
-def _stored_config(checkpoint_dir, overrides):
-  """The config saved with the checkpoint, for the overrides to apply onto. None when there is none: then the
-  missing checkpoint is reported by load_model, after the other flags are checked, unless overrides need it now."""
-  if not checkpoint_dir:
-    return None
-  from mma_dfer_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  if not checkpoint.as_path(checkpoint_dir).is_dir():
-    if overrides:
-      raise PredictError(f'{checkpoint_dir}: no such checkpoint directory (give the --out of convert or a '
-                         'launch.py work directory)')
-    return None
-  return checkpoint.load_config(checkpoint_dir)
-
-
-def _flag_values(argv, stored):
+def _flag_values(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   fv = flags.FlagValues()
-  cli.define_config_flag(fv, argv, 'Experiment config file; replaces the config stored with the checkpoint '
-                         '(default: that config, with the --config.key=value overrides applied).', stored=stored,
-                         no_config_hint='the checkpoint holds no config.json: give --config configs/X.py')
-  flags.DEFINE_string('checkpoint', None, 'Checkpoint directory: the --out of convert or a launch.py work directory.',
-                      flag_values=fv)
+  cli.define_checkpoint_flags(fv, argv)
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.', flag_values=fv)
   flags.DEFINE_string('save-frames', None, 'Write a PNG montage of the 16 face crops here.', flag_values=fv)
   flags.DEFINE_string('timeline', None, 'The emotion over time instead: timeline.csv, .json and .png of a sliding '
@@ -378,10 +360,9 @@ def parse_args(argv):
   argv = [PROG, *argv]
   overrides = cli.override_keys(argv)
   config_path = cli.flag_value(argv, 'config')
-  checkpoint_dir = cli.flag_value(argv, 'checkpoint')
-  stored = None if config_path is not None else _stored_config(checkpoint_dir, overrides)
-  fv = _flag_values(argv, stored)
-  rest = cli.parse_flags(fv, argv, usage=f'{PROG} VIDEO --checkpoint DIR [--config FILE] [--config.key=value ...] [flags]')
+  fv = _flag_values(argv)
+  rest = cli.parse_flags(fv, argv,
+                         usage=f'{PROG} VIDEO --checkpoint DIR [--config FILE] [--config.key=value ...] [flags]')
   if not fv.checkpoint:
     raise cli.UserError('--checkpoint DIR is required: the --out of convert or a launch.py work directory')
   if len(rest) != 2:

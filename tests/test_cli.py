@@ -288,7 +288,7 @@ def test_export_starts_from_the_checkpoints_config(checkpoints, tmp_path):
   assert flag_values.config.model.width == 96
   with pytest.raises(cli.UserError, match=r"'widht' does not exist \(did you mean --config.model.width\?\)"):
     export._flag_values(['export', '--checkpoint', str(good), '--config.model.widht=1'])  # pylint: disable=protected-access
-  with pytest.raises(cli.UserError, match='no config to apply it to; give --config FILE or a --checkpoint'):
+  with pytest.raises(cli.UserError, match='no config to apply it to; the checkpoint holds no config.json: give --config FILE'):
     export._flag_values(['export', '--checkpoint', str(tmp_path), '--config.seed=2'])  # pylint: disable=protected-access
 
 

@@ -278,7 +278,8 @@ def test_portable_loader_user_errors_are_one_line(demo_model, artifact, tmp_path
 
 
 def test_export_command_user_errors_exit_2(demo_model, tmp_path, capsys):
-  cases = [(['--checkpoint', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'm.jax')], 'no such directory'),
+  cases = [(['--checkpoint', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'm.jax')],
+            'no such checkpoint directory'),
            (['--checkpoint', str(demo_model['dir']), '--out', str(tmp_path / 'm.jax'), '--platforms=cpu,metal'],
             '--platforms=cpu,metal'),
            (['--checkpoint', str(demo_model['dir'])], '--out FILE are required')]

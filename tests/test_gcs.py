@@ -114,7 +114,7 @@ def test_export_reads_and_writes_gcs(bucket_dir):
   from mma_dfer_jax import export  # pylint: disable=import-outside-toplevel
   params = tiny_tree(5)
   checkpoint.save_params(str(bucket_dir / 'ckpt'), params, ml_collections.ConfigDict({'seed': 3}))
-  loaded, config = export.load_checkpoint(str(bucket_dir / 'ckpt'))
+  loaded, config = checkpoint.load_params(str(bucket_dir / 'ckpt')), checkpoint.load_config(str(bucket_dir / 'ckpt'))
   assert_trees_equal(loaded, params)
   assert config.seed == 3
   exported = jax.export.export(jax.jit(lambda x: x + 1))(jax.ShapeDtypeStruct((2,), np.float32))
