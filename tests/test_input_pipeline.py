@@ -113,7 +113,7 @@ def test_missing_dataset_and_bad_fold_are_clear_errors(tmp_path):
   with pytest.raises(input_pipeline.DatasetError, match=r'python -m data\.dfew\.build'):
     input_pipeline.get_source(config, 'train')
   config.fold = 6
-  with pytest.raises(input_pipeline.DatasetError, match='1..5'):
+  with pytest.raises(ValueError, match=r'config\.fold=6: .*1\.\.5'):  # settings.ConfigError
     input_pipeline.get_source(config, 'train')
 
 
