@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from mma_dfer_jax import cpu
+from mma_dfer_jax import settings
 from mma_dfer_jax import sharding
 from mma_dfer_jax.models import MMADFER
 
@@ -76,7 +77,7 @@ def learning_rate_schedule(config, steps_per_epoch=None) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, base, config.warmup_steps, total, end_value=0.0)
   if config.schedule == 'constant':
     return optax.constant_schedule(base)
-  raise ValueError(f"config.schedule={config.schedule!r}: use 'epoch_cosine', 'warmup_cosine' or 'constant'")
+  raise ValueError(f'config.schedule={config.schedule!r}: use one of {", ".join(settings.CHOICES["schedule"])}')
 
 
 def optimizer(config, steps_per_epoch=None) -> optax.GradientTransformation:

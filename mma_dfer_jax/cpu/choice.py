@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mma_dfer_jax import settings
 from mma_dfer_jax.cpu import kernels
 
-ATTENTION_IMPLS = ('cpu_fused', 'einsum', 'xla', 'cudnn')
-MATMUL_IMPLS = ('xla', 'openblas')
+# The implementations a config may force ('' in settings.CHOICES: chosen here for the platform).
+ATTENTION_IMPLS = tuple(name for name in settings.CHOICES['model.attention_impl'] if name)
+MATMUL_IMPLS = tuple(name for name in settings.CHOICES['model.matmul_impl'] if name)
 ATTENTION_PROBS = 'attention_probs'  # checkpoint name of the einsum attention's softmax output
 _CPU_ONLY = {'attention_impl': 'cpu_fused', 'matmul_impl': 'openblas'}
 _PORTABLE = {'cpu_fused': 'einsum', 'openblas': 'xla'}  # the same function through XLA's own ops

@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mma_dfer_jax import cpu
+from mma_dfer_jax import settings
 from mma_dfer_jax.models import adapters
 from mma_dfer_jax.models import initializers
 from mma_dfer_jax.models import temporal
 from mma_dfer_jax.models import vit
 
-PROMPT_STAGE_EVERY = 6  # a new stage of progressive prompts every 6 blocks
-MODALITIES = ('audio_video', 'video', 'audio')  # model.modalities: the paper's model, face-only, audio-only
+PROMPT_STAGE_EVERY = settings.PROMPT_STAGE_EVERY  # a new stage of progressive prompts every 6 blocks
+MODALITIES = settings.CHOICES['model.modalities']  # the paper's model, face-only, audio-only
 
 
 def modalities(model_config) -> str:
