@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from mma_dfer_jax import cli
@@ -33,7 +32,6 @@ from mma_dfer_jax import models
 from mma_dfer_jax import sharding
 from mma_dfer_jax import train
 from mma_dfer_jax.cpu import reference_timing
-from mma_dfer_jax.models import MMADFER
 from mma_dfer_jax.models import mma_dfer
 
 # Dense peak FLOP/s per device: (bfloat16, float32 as the default matmul precision runs it). GPUs run float32
@@ -143,7 +141,7 @@ def _unrolled_flops(config, mode, state, batch, rng, mesh):
   unrolled = cpu.resolved_model_config(config.model, custom_calls=False)  # the kernels' settings -> XLA's ops
   unrolled.scan_unroll = unrolled.depth
   abstract = jax.eval_shape(lambda: state)
-  abstract = abstract.replace(model=MMADFER(ml_collections.FrozenConfigDict(unrolled)))
+  abstract = abstract.replace(model=models.build(unrolled))
   return _xla_flops(_lower(mode, abstract, batch, rng, mesh).cost_analysis())
 
 

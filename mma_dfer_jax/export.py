@@ -35,7 +35,7 @@ from mma_dfer_jax import cli
 from mma_dfer_jax import cpu
 from mma_dfer_jax import labels as labels_lib
 from mma_dfer_jax import train
-from mma_dfer_jax.models import MMADFER
+from mma_dfer_jax import models
 from mma_dfer_jax.models import mma_dfer
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -54,7 +54,7 @@ def portable_model_config(model_config, platforms=PLATFORMS):
 
 def probabilities_fn(params, model_config, platforms=PLATFORMS):
   """`(video uint8 (N,T,H,W,3), fbank (N,512,128)) -> softmax(logits)` with `params` closed over (constants)."""
-  model = MMADFER(portable_model_config(model_config, platforms))
+  model = models.build(portable_model_config(model_config, platforms))
 
   def probabilities(video, audio):
     video, audio = train.to_model_inputs({'video': video, 'audio': audio})  # uint8 -> [0, 1], as in eval

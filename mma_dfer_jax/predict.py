@@ -50,13 +50,13 @@ load_config_file = cli.load_config_file  # `get_config()` of a config file such 
 def _compiled_forward(model_config, params, video, audio):
   """The jitted forward pass, compiled ahead of time for these shapes (cached, so a second clip reuses it)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from mma_dfer_jax.models import MMADFER  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import models  # pylint: disable=import-outside-toplevel
   leaves = jax.tree_util.tree_leaves_with_path(params)
   key = (model_config.to_json(), video.shape, audio.shape,
          tuple((jax.tree_util.keystr(k), np.shape(x), str(x.dtype)) for k, x in leaves))
   compiled = _COMPILED.get(key)
   if compiled is None:
-    model = MMADFER(model_config)
+    model = models.build(model_config)
 
     def forward(p, v, a):
       logits = model.apply({'params': p}, v, a, train=False)

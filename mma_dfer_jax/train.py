@@ -13,12 +13,12 @@ import flax
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from mma_dfer_jax import cpu
 from mma_dfer_jax import settings
 from mma_dfer_jax import sharding
+from mma_dfer_jax import models
 from mma_dfer_jax.models import MMADFER
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
@@ -125,7 +125,7 @@ class TrainState:
 def create_train_state(config, params, steps_per_epoch=None, platforms=None) -> TrainState:
   # The attention/matmul implementations are fixed here for the platform(s) the steps are compiled for (default:
   # this host's backend and device count), not picked from the tracing host (cpu.implementations).
-  model = MMADFER(ml_collections.FrozenConfigDict(cpu.resolved_model_config(config.model, platforms)))
+  model = models.build(cpu.resolved_model_config(config.model, platforms))
   tx = optimizer(config, steps_per_epoch)
   # A copy: the step donates the state's buffers, which must not invalidate the caller's `params`.
   params = device_params(params, config.model.dtype)

@@ -157,3 +157,24 @@ def test_dummy_inputs_and_init_params_follow_the_config():
 def test_unknown_remat_policy_is_an_error():
   with pytest.raises(ValueError, match='remat_policy'):
     mma_dfer.remat_policy('keep_everything_please')
+
+
+def test_models_build_gives_the_model_typed_fields_from_config_model():
+  """One factory: models.build(config.model) holds a frozen ModelSpec with every key of settings.model_config; an
+  older config's missing keys take the defaults; the parameters are those of MMADFER(config.model)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  from mma_dfer_jax import settings  # pylint: disable=import-outside-toplevel
+  assert set(models.spec.FIELDS) == set(settings.model_config(3).keys())
+  config = demo.get_config().model
+  spec = models.build(config).spec
+  assert isinstance(spec, models.ModelSpec) and hash(spec) == hash(models.model_spec(config))
+  assert (spec.width, spec.depth, spec.num_classes) == (config.width, config.depth, config.num_classes)
+  old = ml_collections.ConfigDict(config.to_dict())
+  del old['modalities'], old['matmul_impl']
+  assert (models.model_spec(old).modalities, models.model_spec(old).matmul_impl) == ('audio_video', '')
+  with pytest.raises(ValueError, match='config.model.num_classes'):
+    models.model_spec({'width': 8})
+  inputs = models.dummy_inputs(config)
+  shapes = lambda model: jax.tree_util.tree_map(lambda x: x.shape, jax.eval_shape(model.init, jax.random.key(0), *inputs))
+  assert shapes(models.build(config)) == shapes(models.MMADFER(config))

@@ -1,8 +1,16 @@
-"""Flax Linen modules of MMA-DFER, and the one place that builds inputs to trace them with."""
+"""Flax Linen modules of MMA-DFER: the one factory that builds the model from config.model (`build`), and the one
+place that builds inputs to trace it with."""
 import jax
 import jax.numpy as jnp
 
 from mma_dfer_jax.models.mma_dfer import MMADFER  # noqa: F401
+from mma_dfer_jax.models.spec import model_spec
+from mma_dfer_jax.models.spec import ModelSpec  # noqa: F401
+
+
+def build(model_config) -> MMADFER:
+  """The model of `config.model` (a ConfigDict or a ModelSpec), its settings as typed fields (models/spec.py)."""
+  return MMADFER(model_spec(model_config))
 
 
 def dummy_inputs(model_config, batch: int = 1) -> tuple:
@@ -16,4 +24,4 @@ def dummy_inputs(model_config, batch: int = 1) -> tuple:
 def init_params(model_config, rng) -> dict:
   """Freshly initialised parameters of `MMADFER(model_config)` (compiled, so the paper's model initialises in
   seconds); `jax.eval_shape(lambda: init_params(c, rng))` gives their shapes without computing them."""
-  return jax.jit(MMADFER(model_config).init)(rng, *dummy_inputs(model_config))['params']
+  return jax.jit(build(model_config).init)(rng, *dummy_inputs(model_config))['params']

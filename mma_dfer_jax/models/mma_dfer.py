@@ -18,6 +18,7 @@ from mma_dfer_jax import cpu
 from mma_dfer_jax import settings
 from mma_dfer_jax.models import adapters
 from mma_dfer_jax.models import initializers
+from mma_dfer_jax.models import spec as spec_lib
 from mma_dfer_jax.models import temporal
 from mma_dfer_jax.models import vit
 
@@ -84,7 +85,7 @@ def drop_path_rates(model_config) -> np.ndarray:
 
 class EncoderStem(nn.Module):
   """An encoder's own parameters outside its blocks: the token embedding and its progressive prompts."""
-  model_config: object
+  model_config: spec_lib.ModelSpec
   grid: tuple
   dtype: object
 
@@ -108,7 +109,7 @@ class EncoderStem(nn.Module):
 
 class LockstepLayer(nn.Module):
   """Step 5 for one layer i: both frozen blocks, the fusion adapter, then the progressive prompts."""
-  model_config: object
+  model_config: spec_lib.ModelSpec
   num_frames: int
   train: bool
   dtype: object
@@ -133,7 +134,7 @@ class LockstepLayer(nn.Module):
 class EncoderLayer(nn.Module):
   """Step 5 of a unimodal model for one layer i: the encoder's frozen block, then its progressive prompts. There
   is no fusion adapter: both of its directions read the other modality's tokens."""
-  model_config: object
+  model_config: spec_lib.ModelSpec
   encoder: str  # 'vision' or 'audio': names the block as the audio-visual model does, so paths match
   train: bool
   dtype: object
@@ -169,11 +170,16 @@ class MMADFER(nn.Module):
 
   With model.modalities 'video' the audio argument is ignored (None is fine); with 'audio' the video one.
   """
-  config: object  # config.model
+  config: object  # config.model: a ConfigDict or a ModelSpec (models.build makes the latter)
+
+  @property
+  def spec(self) -> spec_lib.ModelSpec:
+    """The config's settings as typed fields."""
+    return spec_lib.model_spec(self.config)
 
   @nn.compact
   def __call__(self, video, audio, train: bool = False):
-    c = self.config
+    c = self.spec
     if c.depth % PROMPT_STAGE_EVERY:
       raise ValueError(f'model.depth={c.depth}: MMA-DFER adds prompts every 6 blocks, so depth must be a multiple of 6')
     dtype = jnp.dtype(c.dtype)
@@ -198,7 +204,7 @@ class MMADFER(nn.Module):
 
   def _audio_visual_features(self, video, audio, train, dtype):
     """Steps 1-6 of the paper's model: (N, T, D) float32, each frame's cls plus the clip's audio cls."""
-    c = self.config
+    c = self.spec
     n, t = video.shape[:2]
     # Steps 1-4: tokens of every frame and of the spectrogram.
     vision = EncoderStem(c, vision_grid(c), dtype, name='vision')
@@ -215,7 +221,7 @@ class MMADFER(nn.Module):
 
   def _video_features(self, video, train, dtype):
     """Steps 1-6 without audio: (N, T, D), each frame's cls from the face ViT alone."""
-    c = self.config
+    c = self.spec
     n, t = video.shape[:2]
     vision = EncoderStem(c, vision_grid(c), dtype, name='vision')
     xv = vision(video.reshape((n * t,) + video.shape[2:]))
@@ -226,7 +232,7 @@ class MMADFER(nn.Module):
   def _audio_features(self, audio, train, dtype):
     """Steps 1-6 without video: the clip's audio cls repeated for each of the num_frames temporal steps, which is
     what the paper's step 7 adds to every frame; (N, num_frames, D)."""
-    c = self.config
+    c = self.spec
     audio_stem = EncoderStem(c, audio_grid(c), dtype, name='audio')
     xa = audio_stem(audio[..., None])
     per_layer = (jnp.asarray(drop_path_rates(c)), audio_stem.prompt_updates())
