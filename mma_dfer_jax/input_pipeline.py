@@ -32,8 +32,7 @@ DATASETS = tuple(settings.DATASETS)  # the names; their folds: settings.DATASETS
 OLDEST_BUILD = {'mafw': (2, 0, 0)}
 SPLITS = ('train', 'test')
 FRAMES_KEYS = ('frames', 'images')
-# model.modalities -> the inputs the model reads (the names of the batch keys); configs without the key: both.
-MODEL_INPUTS = {'audio_video': ('video', 'audio'), 'video': ('video',), 'audio': ('audio',)}
+MODEL_INPUTS = settings.MODEL_INPUTS  # model.modalities -> the batch keys the model reads
 
 
 class DatasetError(ValueError):
@@ -48,10 +47,10 @@ num_folds = settings.num_folds  # folds of the dataset's protocol, numbered 1..n
 
 def model_inputs(config) -> tuple:
   """The inputs config.model.modalities reads, of 'video' and 'audio': the only ones the pipeline prepares."""
-  kind = config.model.get('modalities', 'audio_video')
-  if kind not in MODEL_INPUTS:
-    raise DatasetError(f'config.model.modalities={kind!r}: use one of {", ".join(MODEL_INPUTS)}')
-  return MODEL_INPUTS[kind]
+  try:
+    return settings.model_inputs(config.model)
+  except settings.ConfigError as e:
+    raise DatasetError(str(e)) from None
 
 
 def _split_name(config, train: bool) -> str:

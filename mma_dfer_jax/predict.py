@@ -31,6 +31,7 @@ import numpy as np
 
 from mma_dfer_jax import cli
 from mma_dfer_jax import faces
+from mma_dfer_jax import settings
 from mma_dfer_jax import video as video_lib
 
 EXIT_USER_ERROR = cli.EXIT_USER_ERROR
@@ -115,12 +116,12 @@ def clip_inputs(frames, audio, sample_rate, model_config, face_boxes=None):
 
 def uses_faces(model_config) -> bool:
   """False for an audio-only model (model.modalities='audio'): it never sees the frames, so no face is looked for."""
-  return model_config.get('modalities', 'audio_video') != 'audio'
+  return 'video' in settings.model_inputs(model_config)
 
 
 def uses_audio(model_config) -> bool:
   """False for a video-only model (model.modalities='video'): its fbank is not computed (the model ignores it)."""
-  return model_config.get('modalities', 'audio_video') != 'video'
+  return 'audio' in settings.model_inputs(model_config)
 
 
 def _class_names(config):

@@ -26,10 +26,13 @@ SAVED_CONFIG_FILE = 'config.json'  # beside every checkpoint (checkpoint.CONFIG_
 DATASETS = {'dfew': 5, 'mafw': 5, 'cremad': 5, 'ravdess': 6, 'ferv39k': 1, 'synthetic': 5}
 PROMPT_STAGE_EVERY = 6  # the model adds progressive prompts every 6 encoder blocks
 
+# model.modalities -> the inputs the model reads (the batch keys the pipeline prepares, what predict computes).
+MODEL_INPUTS = {'audio_video': ('video', 'audio'), 'video': ('video',), 'audio': ('audio',)}
+
 CHOICES = {
     'dataset': tuple(DATASETS),
     'schedule': ('epoch_cosine', 'warmup_cosine', 'constant'),
-    'model.modalities': ('audio_video', 'video', 'audio'),  # the paper's model, face-only, audio-only
+    'model.modalities': tuple(MODEL_INPUTS),  # the paper's model, face-only, audio-only
     'model.dtype': ('float32', 'bfloat16'),
     'model.attention_impl': ('', 'cpu_fused', 'einsum', 'xla', 'cudnn'),  # '': chosen for the platform
     'model.matmul_impl': ('', 'xla', 'openblas'),
@@ -231,6 +234,13 @@ def _check_tables(config, wanted) -> None:
   for key, bounds in RANGES.items():
     if wanted(key):
       _check_range(config, key, *bounds)
+
+
+def model_inputs(model_config) -> tuple:
+  """The inputs ('video', 'audio') a model of `model_config` reads; a config without model.modalities reads both."""
+  kind = getattr(model_config, 'modalities', 'audio_video')
+  _require(kind in MODEL_INPUTS, f'config.model.modalities={kind!r}: use one of {", ".join(MODEL_INPUTS)}')
+  return MODEL_INPUTS[kind]
 
 
 def validate_model(model_config) -> None:

@@ -35,11 +35,11 @@ def modalities(model_config) -> str:
 
 
 def uses_video(model_config) -> bool:
-  return modalities(model_config) != 'audio'
+  return 'video' in settings.MODEL_INPUTS[modalities(model_config)]
 
 
 def uses_audio(model_config) -> bool:
-  return modalities(model_config) != 'video'
+  return 'audio' in settings.MODEL_INPUTS[modalities(model_config)]
 
 
 def num_prompts(model_config) -> int:
